@@ -1,0 +1,54 @@
+"""Shared test set-up.
+
+Triton reads TRITON_INTERPRET when a kernel is decorated, so it is set here, before any
+vislens module is imported, whenever no GPU is present.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from vislens.extract.datasets import make_synthetic  # noqa: E402
+from vislens.extract.toy_model import ToySpec, build_toy_model  # noqa: E402
+
+TOY_SPECS = {
+    "mha": ToySpec(layers=3, heads=4, kv_heads=4, seed=1),
+    "gqa": ToySpec(layers=3, heads=4, kv_heads=2, seed=2),
+}
+
+
+@pytest.fixture(scope="session")
+def toy_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny LLaVA checkpoints saved with save_pretrained: multi-head and grouped-query."""
+    root = tmp_path_factory.mktemp("models")
+    return {name: build_toy_model(root / name, spec) for name, spec in TOY_SPECS.items()}
+
+
+@pytest.fixture(scope="session")
+def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six synthetic images with captions, as a vislens manifest."""
+    return make_synthetic(tmp_path_factory.mktemp("data"), n=6, seed=3)
+
+
+@pytest.fixture
+def write_manifest(tmp_path: Path):
+    """Write manifest lines (dicts or raw strings) to a file and return its path."""
+
+    def write(lines: list, name: str = "manifest.jsonl") -> Path:
+        path = tmp_path / name
+        path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+        return path
+
+    return write

@@ -1,0 +1,51 @@
+"""What every analysis needs: the groups of a store, finished samples, labels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from vislens.errors import StoreFormatError
+from vislens.store import DONE, open_group, open_store
+
+StoreLike = str | xr.DataTree | xr.Dataset
+
+
+def as_tree(store: StoreLike, storage_options: dict[str, Any] | None = None) -> xr.DataTree:
+    """An opened store (a URL or path is opened; a tree is returned as is)."""
+    if isinstance(store, xr.DataTree):
+        return store
+    if isinstance(store, xr.Dataset):
+        raise TypeError("this analysis needs the whole store (open it with vislens.open_store), not one group")
+    return open_store(store, storage_options)
+
+
+def group(store: StoreLike, name: str) -> xr.Dataset:
+    """One group as a Dataset; a Dataset passed in is taken to be that group."""
+    if isinstance(store, xr.Dataset):
+        return store
+    return open_group(as_tree(store), name)
+
+
+def finished(ds: xr.Dataset, done: xr.DataArray | None = None) -> xr.Dataset:
+    """Only the samples whose extraction finished (``done == 1``)."""
+    flags = np.asarray((done if done is not None else ds["done"]).values)
+    keep = np.flatnonzero(flags == DONE)
+    if keep.size == 0:
+        raise StoreFormatError("the store has no finished samples yet; run (or resume) `vislens extract`")
+    return ds.isel(sample=keep)
+
+
+def label(store: StoreLike) -> str:
+    """How a store is named in tables: its URL/path as opened."""
+    if isinstance(store, str):
+        return store
+    return str(store.attrs.get("vislens_url", ""))
+
+
+def model_name(store: StoreLike) -> str:
+    """The model a store was extracted from."""
+    model = store.attrs.get("model", {}) if not isinstance(store, str) else {}
+    return str(model.get("name_or_path", ""))

@@ -1,0 +1,93 @@
+"""Adapter registry: one adapter per model family, chosen by the config's ``model_type``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vislens.errors import ModelError, UnsupportedModelError
+from vislens.extract.adapters.base import Adapter, AttentionShape, NormSpec
+from vislens.extract.adapters.llava import LlavaAdapter
+
+__all__ = ["Adapter", "AttentionShape", "NormSpec", "ADAPTERS", "adapter_class", "load_adapter", "LoadedModel"]
+
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter,)
+ADDING_DOC = "docs/models.md (section 'Adding a model family')"
+
+
+def adapter_class(model_type: str) -> type[Adapter]:
+    """The adapter class for a transformers ``model_type``.
+
+    Raises
+    ------
+    UnsupportedModelError
+        Listing the supported model types and the doc on adding one.
+    """
+    for cls in ADAPTERS:
+        if model_type in cls.model_types:
+            return cls
+    supported = ", ".join(t for cls in ADAPTERS for t in cls.model_types)
+    raise UnsupportedModelError(
+        f"no vislens adapter for model_type {model_type!r}; supported: {supported}. "
+        f"To add a family, see {ADDING_DOC}."
+    )
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for extraction, with where it came from."""
+
+    adapter: Adapter
+    name_or_path: str
+    revision: str | None
+    commit_hash: str | None
+
+
+def _dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    try:
+        return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+    except KeyError:
+        raise ValueError(f"dtype must be auto, float16, bfloat16 or float32, got {name!r}") from None
+
+
+def load_adapter(
+    name_or_path: str, *, device: str = "cpu", dtype: str = "auto", revision: str | None = None
+) -> LoadedModel:
+    """Load a checkpoint (folder or hub id) with eager attention and wrap it in its adapter.
+
+    Raises
+    ------
+    UnsupportedModelError
+        When the architecture has no adapter.
+    ModelError
+        When the checkpoint cannot be loaded with eager attention.
+    """
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"cannot read a model config from {name_or_path!r}: {exc}. Pass a checkpoint folder "
+            "(with config.json) or a hub id available offline in the Hugging Face cache."
+        ) from None
+    cls = adapter_class(config.model_type)
+    torch_dtype = _dtype(dtype, device)
+    try:
+        model = cls.model_class().from_pretrained(
+            name_or_path, revision=revision, dtype=torch_dtype, attn_implementation="eager"
+        )
+    except ValueError as exc:
+        if "attn_implementation" in str(exc) or "eager" in str(exc):
+            raise ModelError(
+                f"{name_or_path!r} cannot run with eager attention, which norm-based attention "
+                f"needs ({exc}); use a model class that supports attn_implementation='eager'"
+            ) from None
+        raise
+    model = model.to(device).eval()
+    processor = cls.load_processor(name_or_path, revision)
+    commit = getattr(config, "_commit_hash", None)
+    return LoadedModel(cls(model, processor), name_or_path, revision, commit)

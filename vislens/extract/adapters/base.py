@@ -1,0 +1,210 @@
+"""The adapter interface: everything vislens needs to know about one model family.
+
+The rest of vislens talks to models only through an `Adapter`. A family subclasses it,
+names the ``model_type`` values it handles, and overrides what differs from the
+LLaVA-style default (a decoder at ``model.model.language_model``, ``lm_head``, image
+placeholders expanded by the processor into ``input_ids``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vislens.errors import ModelError
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """Heads of the decoder's self-attention."""
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """The decoder's final norm, enough to apply it without the model.
+
+    ``kind`` is ``"rms"`` (x / rms(x) * w), ``"rms_offset"`` (x / rms(x) * (1 + w), Gemma) or
+    ``"layer"`` (LayerNorm with optional bias).
+    """
+
+    kind: str
+    eps: float
+    weight: np.ndarray
+    bias: np.ndarray | None = None
+
+
+class Adapter:
+    """Model knowledge for one family; construct with a loaded model and its processor."""
+
+    family: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()
+    hub_ids: ClassVar[tuple[str, ...]] = ()
+    fixed_image_tokens: ClassVar[bool] = True
+    """Whether every image gives the same number of image tokens (then counts are cached)."""
+
+    def __init__(self, model: torch.nn.Module, processor: Any) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.tokenizer.padding_side = "right"
+        self._count_cache: dict[tuple, tuple[int, int]] = {}
+
+    # ---- loading -------------------------------------------------------------------
+    @classmethod
+    def model_class(cls) -> type:
+        """The transformers class that loads this family's checkpoints."""
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText
+
+    @classmethod
+    def load_processor(cls, name_or_path: str, revision: str | None) -> Any:
+        """Load the processor of a checkpoint."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(name_or_path, revision=revision)
+
+    # ---- structure -----------------------------------------------------------------
+    @property
+    def text_config(self) -> Any:
+        """Config of the language decoder."""
+        return self.model.config.get_text_config()
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        """The language decoder (has ``layers`` and ``norm``)."""
+        return self.model.model.language_model
+
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        """Decoder layers, in order."""
+        return self.decoder.layers
+
+    @property
+    def final_norm(self) -> torch.nn.Module:
+        """The norm applied after the last decoder layer."""
+        return self.decoder.norm
+
+    @property
+    def unembedding(self) -> torch.Tensor:
+        """The unembedding matrix W_U, (vocab, hidden)."""
+        return self.model.get_output_embeddings().weight
+
+    def o_proj(self, layer: int) -> torch.nn.Linear:
+        """The attention output projection of decoder layer ``layer``."""
+        return self.layers[layer].self_attn.o_proj
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        """Heads, kv heads and head dim of the decoder."""
+        cfg = self.text_config
+        heads = cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return AttentionShape(heads, kv, head_dim)
+
+    @property
+    def image_token_id(self) -> int:
+        """Token id of the image placeholder in ``input_ids``."""
+        cfg = self.model.config
+        value = getattr(cfg, "image_token_id", None)
+        if value is None:
+            value = getattr(cfg, "image_token_index", None)
+        if value is None:
+            raise ModelError(f"{type(self.model).__name__} config has no image token id")
+        return int(value)
+
+    def norm_spec(self) -> NormSpec:
+        """The final norm as plain arrays."""
+        norm = self.final_norm
+        eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+        weight = norm.weight.detach().float().cpu().numpy()
+        bias = getattr(norm, "bias", None)
+        kind = "layer" if isinstance(norm, torch.nn.LayerNorm) else "rms"
+        return NormSpec(kind, float(eps), weight, None if bias is None else bias.detach().float().cpu().numpy())
+
+    # ---- prompts and inputs ----------------------------------------------------------
+    @property
+    def image_placeholder(self) -> str:
+        """The text that stands for one image in a prompt."""
+        return getattr(self.processor, "image_token", None) or "<image>"
+
+    def format_prompt(self, text: str) -> str:
+        """Put an instruction into the model's chat template ('' = the image alone).
+
+        A text that already holds the image placeholder is taken as fully formatted.
+        """
+        if self.image_placeholder in text:
+            return text
+        content: list[dict[str, str]] = [{"type": "image"}]
+        if text:
+            content.append({"type": "text", "text": text})
+        template = getattr(self.processor, "chat_template", None)
+        if template:
+            messages = [{"role": "user", "content": content}]
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return f"{self.image_placeholder}\n{text}".rstrip()
+
+    def encode(self, images: list[Image.Image], texts: list[str]) -> dict[str, torch.Tensor]:
+        """Processor outputs for a batch, right-padded (padding never shifts positions)."""
+        return dict(self.processor(images=images, text=texts, return_tensors="pt", padding=True))
+
+    def image_mask(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Boolean (batch, token): positions holding image features."""
+        return inputs["input_ids"] == self.image_token_id
+
+    def expected_image_tokens(self, inputs: dict[str, torch.Tensor]) -> list[int] | None:
+        """Image tokens each sample must have, when the family knows it (checked)."""
+        return None
+
+    def image_grid(self, inputs: dict[str, torch.Tensor], index: int) -> tuple[int, int]:
+        """Rows and columns of sample ``index``'s image-token grid, (0, 0) if unknown."""
+        n = int(self.image_mask(inputs)[index].sum())
+        side = int(round(n**0.5))
+        return (side, side) if side * side == n else (0, 0)
+
+    def count_tokens(self, text: str, image_size: tuple[int, int]) -> tuple[int, int]:
+        """(tokens, image tokens) the processor gives this prompt with an image of this size."""
+        key = (text,) if self.fixed_image_tokens else (text, image_size)
+        if key not in self._count_cache:
+            blank = Image.new("RGB", image_size if image_size[0] > 0 else (64, 64))
+            inputs = self.encode([blank], [text])
+            mask = inputs["attention_mask"][0].bool()
+            self._count_cache[key] = (int(mask.sum()), int(self.image_mask(inputs)[0][mask].sum()))
+        return self._count_cache[key]
+
+    # ---- forward -------------------------------------------------------------------
+    def forward(self, inputs: dict[str, torch.Tensor]) -> Any:
+        """Run the model on a batch with hidden states returned."""
+        return self.model(**inputs, output_hidden_states=True, use_cache=False)
+
+    def hidden_states(self, outputs: Any) -> tuple[torch.Tensor, ...]:
+        """The L + 1 decoder hidden states (last one already final-normed)."""
+        return outputs.hidden_states
+
+    # ---- vocabulary ------------------------------------------------------------------
+    def vocabulary(self) -> tuple[list[str], np.ndarray]:
+        """Each token's text as it reads after other text (leading space kept) and a special mask."""
+        tok = self.tokenizer
+        size = max(len(tok), self.unembedding.shape[0])
+        anchor_id = tok.convert_tokens_to_ids(tok.tokenize("a")[-1]) if tok.tokenize("a") else 0
+        anchor = tok.decode([anchor_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        special_ids = set(tok.all_special_ids)
+        n = len(tok)
+        full = tok.batch_decode(
+            [[anchor_id, i] for i in range(n)],
+            skip_special_tokens=False,
+            clean_up_tokenization_spaces=False,
+        )
+        texts = [t[len(anchor):] if t.startswith(anchor) else t for t in full] + [""] * (size - n)
+        special = np.ones(size, dtype=bool)
+        special[:n] = [i in special_ids for i in range(n)]
+        return texts, special

@@ -1,0 +1,60 @@
+"""Prompt kinds of the study: normal instructions, noisy token strings, and no prompt."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from vislens.errors import DataError
+
+KINDS = ("normal", "noisy", "empty")
+NOISY_LENGTH = (10, 15)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """An instruction before the chat template: ``text`` is empty for the empty kind."""
+
+    kind: str
+    id: str
+    text: str
+
+
+def normal_prompts(path: str | Path | None = None) -> list[Prompt]:
+    """The study's ten normal prompts, or those of a JSON file ``{"id": "text", ...}``."""
+    if path is None:
+        raw = resources.files("vislens.data").joinpath("prompts_normal.json").read_text()
+        where = "the shipped prompts"
+    else:
+        where = str(path)
+        try:
+            raw = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise DataError(f"cannot read prompts file {path}: {exc.strerror}") from None
+    try:
+        items = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+    if isinstance(items, list):
+        items = {str(i): text for i, text in enumerate(items)}
+    if not isinstance(items, dict) or not items or not all(isinstance(t, str) and t.strip() for t in items.values()):
+        raise DataError(f'{where}: expected {{"id": "prompt text", ...}} with non-empty texts')
+    return [Prompt("normal", str(k), v) for k, v in items.items()]
+
+
+def noisy_prompt(vocabulary: list[str], special: np.ndarray, seed: int, index: int) -> Prompt:
+    """A string of 10-15 tokens drawn from the model's vocabulary, reproducible by (seed, index).
+
+    ``vocabulary`` holds each token's text as it appears after other text (leading space kept);
+    ``special`` marks special tokens, which are never drawn.
+    """
+    rng = np.random.default_rng([seed, index])
+    pool = np.flatnonzero(~special)
+    length = int(rng.integers(NOISY_LENGTH[0], NOISY_LENGTH[1] + 1))
+    ids = rng.choice(pool, size=length, replace=True)
+    text = "".join(vocabulary[i] for i in ids).strip()
+    return Prompt("noisy", f"{seed}-{index}", text)

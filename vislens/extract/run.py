@@ -1,0 +1,286 @@
+"""The extraction loop: batches of (image, prompt) through the model, samples into the store."""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import vislens
+from vislens.errors import ImageError, ModelError
+from vislens.extract.adapters import LoadedModel, load_adapter
+from vislens.extract.capture import capture_attention
+from vislens.extract.config import ExtractConfig, fingerprint
+from vislens.extract.datasets import DataSet, load_data
+from vislens.extract.images import load_image
+from vislens.extract.plan import Sample, make_plan, query_capacity
+from vislens.store import schema
+from vislens.store.create import CaptionData, LensData, StoreSpec
+from vislens.store.location import as_location
+from vislens.store.writer import StoreWriter, prepare_store, shard_blocks
+
+log = logging.getLogger("vislens.extract")
+
+
+@dataclass
+class ExtractResult:
+    """What one extraction run did."""
+
+    store: str
+    n_samples: int
+    written: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)
+    already_done: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """One paragraph for the terminal."""
+        text = (
+            f"{self.store}: {self.written} samples written in {self.seconds:.1f} s, "
+            f"{self.already_done} already done, {len(self.skipped)} skipped, of {self.n_samples}"
+        )
+        for image, reason in list(self.skipped.items())[:20]:
+            text += f"\n  skipped {image}: {reason}"
+        if len(self.skipped) > 20:
+            text += f"\n  ... and {len(self.skipped) - 20} more"
+        return text
+
+
+def model_attrs(loaded: LoadedModel) -> dict[str, Any]:
+    """Provenance of the model for the store's root attributes."""
+    adapter = loaded.adapter
+    cfg = adapter.text_config
+    shape = adapter.attention_shape
+    return {
+        "name_or_path": loaded.name_or_path,
+        "revision": loaded.revision,
+        "commit_hash": loaded.commit_hash,
+        "architecture": type(adapter.model).__name__,
+        "model_type": adapter.model.config.model_type,
+        "family": adapter.family,
+        "n_layers": len(adapter.layers),
+        "hidden_size": int(cfg.hidden_size),
+        "n_heads": shape.n_heads,
+        "n_kv_heads": shape.n_kv_heads,
+        "head_dim": shape.head_dim,
+        "vocab_size": int(adapter.unembedding.shape[0]),
+        "image_token_id": adapter.image_token_id,
+        "dtype": str(adapter.model.dtype).removeprefix("torch."),
+        "attn_implementation": "eager",
+    }
+
+
+def _lens(loaded: LoadedModel, vocab: tuple[list[str], np.ndarray]) -> LensData:
+    adapter = loaded.adapter
+    weight = adapter.unembedding.detach()
+    dtype = np.float16 if weight.dtype == torch.float16 else np.float32
+    norm = adapter.norm_spec()
+    return LensData(
+        unembedding=weight.float().cpu().numpy().astype(dtype),
+        norm_kind=norm.kind,
+        norm_eps=norm.eps,
+        norm_weight=norm.weight,
+        norm_bias=norm.bias,
+        vocab_text=vocab[0],
+        vocab_special=vocab[1],
+    )
+
+
+def _store_spec(config: ExtractConfig, loaded: LoadedModel, data: DataSet, plan: list[Sample], vocab) -> StoreSpec:
+    adapter = loaded.adapter
+    shape = adapter.attention_shape
+    layout = schema.Layout(
+        n_samples=len(plan),
+        n_layers=len(adapter.layers) + 1,
+        n_tokens=max(s.n_tokens for s in plan),
+        hidden=int(adapter.text_config.hidden_size),
+        n_heads=shape.n_heads,
+        n_query=query_capacity(plan, config.attention),
+        vocab=int(adapter.unembedding.shape[0]),
+        n_images=len(data.records),
+        n_captions=max([len(r.captions) for r in data.records] + [1]),
+        block=config.block,
+    )
+    strings = lambda values: np.asarray(values, dtype=np.dtypes.StringDType())  # noqa: E731
+    plan_arrays = {
+        "image_id": strings([s.record.id for s in plan]),
+        "prompt_kind": strings([s.prompt.kind for s in plan]),
+        "prompt_id": strings([s.prompt.id for s in plan]),
+        "prompt_text": strings([s.prompt.text for s in plan]),
+        "image_index": np.array([s.image_index for s in plan], dtype=np.int32),
+    }
+    args = config.content_args()
+    attrs = {
+        "vislens_version": vislens.__version__,
+        "model": model_attrs(loaded),
+        "extraction": {"args": args, "device": config.resolved_device(), "batch_size": config.batch_size},
+        "dataset": {"name": data.name, "split": data.split, "seed": data.seed, "source": data.source, "n_images": len(data.records)},
+        "prompts": {"kinds": list(dict.fromkeys(config.prompts)), "file": config.prompts_file or "vislens:prompts_normal.json",
+                    "custom": config.prompt, "all_prompts": config.all_prompts, "noise_seed": config.noise_seed},
+        "attention_mode": config.attention,
+        "keep_bits": config.keep_bits,
+        "n_samples": len(plan),
+    }
+    layer_attrs = {
+        "long_name": "hidden-state index: 0 = input embeddings (image features in place), l = output of decoder layer l",
+        "final_norm_applied_to_last": 1,
+        "note": "the last layer (L) is already passed through the final norm; do not norm it again",
+    }
+    captions = CaptionData([r.id for r in data.records], [r.captions for r in data.records])
+    return StoreSpec(
+        layout=layout,
+        attrs=attrs,
+        fingerprint=fingerprint(args, [s.row() for s in plan]),
+        plan=plan_arrays,
+        captions=captions,
+        lens=_lens(loaded, vocab),
+        layer_attrs=layer_attrs,
+        clevel=config.clevel,
+    )
+
+
+class _BackgroundWriter:
+    """Writes samples on one thread while the model computes the next batch."""
+
+    def __init__(self, writer: StoreWriter, depth: int = 2) -> None:
+        self.writer, self.depth = writer, depth
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vislens-writer")
+        self.pending: list[Future] = []
+
+    def submit(self, fn: Any, *args: Any) -> None:
+        self.pending.append(self.pool.submit(fn, *args))
+        while len(self.pending) > self.depth:
+            self.pending.pop(0).result()
+
+    def close(self) -> None:
+        try:
+            for future in self.pending:
+                future.result()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def _query_positions(modality: torch.Tensor, n_tokens: torch.Tensor, mode: str, capacity: int) -> torch.Tensor:
+    out = torch.full((modality.shape[0], capacity), -1, dtype=torch.long)
+    for b in range(modality.shape[0]):
+        n = int(n_tokens[b])
+        if mode == "last":
+            rows = torch.tensor([n - 1])
+        elif mode == "all":
+            rows = torch.arange(n)
+        else:
+            rows = torch.nonzero(modality[b, :n] == schema.TEXT).flatten()
+        out[b, : len(rows)] = rows[:capacity]
+    return out
+
+
+def _run_batch(loaded: LoadedModel, config: ExtractConfig, batch: list[Sample], images: list, q_capacity: int) -> list[dict[str, np.ndarray]]:
+    adapter = loaded.adapter
+    device = config.resolved_device()
+    inputs = adapter.encode(images, [s.text for s in batch])
+    mask = inputs["attention_mask"].bool()
+    image_mask = adapter.image_mask(inputs) & mask
+    n_tokens = mask.sum(1)
+    for b, sample in enumerate(batch):
+        n = int(n_tokens[b])
+        if not bool(mask[b, :n].all()):
+            raise ModelError("the processor padded on the left; vislens needs right padding (tokenizer.padding_side='right')")
+        if n != sample.n_tokens or int(image_mask[b].sum()) != sample.n_image_tokens:
+            raise ModelError(
+                f"sample {sample.index} ({sample.record.id}) has {n} tokens ({int(image_mask[b].sum())} image) "
+                f"but the plan counted {sample.n_tokens} ({sample.n_image_tokens} image); the processor is not deterministic"
+            )
+    expected = adapter.expected_image_tokens(inputs)
+    if expected is not None:
+        found = image_mask.sum(1).tolist()
+        if found != expected:
+            raise ModelError(f"image placeholders {found} do not match the image features {expected}; the prompt or processor is wrong")
+    modality = torch.where(image_mask, schema.IMAGE, torch.where(mask, schema.TEXT, schema.PADDING)).to(torch.uint8)
+    qpos = _query_positions(modality, n_tokens, config.attention, q_capacity) if q_capacity else None
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    with torch.inference_mode():
+        if qpos is not None:
+            with capture_attention(adapter, qpos) as capture:
+                outputs = adapter.forward(inputs)
+        else:
+            capture, outputs = None, adapter.forward(inputs)
+        hidden = torch.stack(adapter.hidden_states(outputs), dim=0).to(torch.float16).cpu()
+        if capture is not None:
+            layers = sorted(capture.weights)
+            weights = torch.stack([capture.weights[i] for i in layers], dim=1).cpu()  # (B, L, H, Q, N)
+            gram = torch.stack([capture.gram[i] for i in layers], dim=1).float().cpu()  # (B, L, N, H, H)
+    ids = inputs["input_ids"].cpu()
+    results = []
+    for b, sample in enumerate(batch):
+        n = int(n_tokens[b])
+        arrays = {
+            "hidden": hidden[:, b, :n].numpy(),
+            "token_id": ids[b, :n].numpy().astype(np.int32),
+            "modality": modality[b, :n].numpy(),
+            "n_tokens": np.int32(n),
+            "image_grid": np.asarray(adapter.image_grid(inputs, b), dtype=np.int32),
+        }
+        if capture is not None:
+            q = int((qpos[b] >= 0).sum())
+            arrays["attn"] = weights[b, :, :, :q, :n].numpy()
+            arrays["value_gram"] = gram[b, :, :n].numpy()
+            arrays["query_pos"] = qpos[b, :q].numpy().astype(np.int32)
+        results.append(arrays)
+    return results
+
+
+def extract(config: ExtractConfig, *, loaded: LoadedModel | None = None) -> ExtractResult:
+    """Run (or resume) an extraction into ``config.out``.
+
+    Raises
+    ------
+    ImageError
+        With ``strict``, on the first missing or undecodable image (finished samples stay).
+    StoreMismatchError, StoreExistsError, DiskFullError, ModelError, DataError
+        See their messages for the fix.
+    """
+    start = time.perf_counter()
+    location = as_location(config.out, config.storage_options)
+    data = load_data(config.data, limit=config.limit, seed=config.seed)
+    if loaded is None:
+        loaded = load_adapter(config.model, device=config.resolved_device(), dtype=config.dtype, revision=config.revision)
+    vocab = loaded.adapter.vocabulary()
+    plan = make_plan(data, config, loaded.adapter, vocab)
+    spec = _store_spec(config, loaded, data, plan, vocab)
+    writer = prepare_store(location, spec, overwrite=config.overwrite, creator=config.shard[0] == 0, wait_s=config.wait_s)
+    todo = writer.pending(config.shard)
+    owned = len(shard_blocks(len(plan), spec.layout.block, config.shard))
+    result = ExtractResult(location.url, len(plan), already_done=owned - len(todo))
+    background = _BackgroundWriter(writer)
+    q_capacity = spec.layout.n_query
+    try:
+        with tqdm(total=len(todo), desc="extract", unit="sample", disable=not config.progress) as bar:
+            for first in range(0, len(todo), config.batch_size):
+                batch = [plan[i] for i in todo[first : first + config.batch_size]]
+                ready, images = [], []
+                for sample in batch:
+                    try:
+                        images.append(load_image(sample.record.image))
+                        ready.append(sample)
+                    except ImageError as exc:
+                        if config.strict:
+                            raise
+                        result.skipped[sample.record.id] = str(exc)
+                        background.submit(writer.mark_skipped, sample.index)
+                if ready:
+                    for sample, arrays in zip(ready, _run_batch(loaded, config, ready, images, q_capacity)):
+                        background.submit(writer.write_sample, sample.index, arrays)
+                        result.written += 1
+                bar.update(len(batch))
+    finally:
+        background.close()
+    result.seconds = time.perf_counter() - start
+    if result.skipped:
+        log.warning("%d samples skipped for unreadable images", len(result.skipped))
+    return result

@@ -1,0 +1,124 @@
+"""Where a store lives: a local folder or any fsspec URL (file://, memory://, s3://, https://).
+
+This is the narrow I/O layer: it hands out a zarr store object and reads raw metadata
+documents; it knows nothing about models or analyses.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from vislens.errors import StoreFormatError
+
+LOCAL_PROTOCOLS = ("file", "local")
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    """A store's URL (or local path) plus fsspec storage options (e.g. an S3 endpoint)."""
+
+    url: str
+    storage_options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    @cached_property
+    def _fs_path(self) -> tuple[Any, str]:
+        from fsspec.core import url_to_fs
+
+        if "://" in self.url and self.url.split("://", 1)[0] in ("s3", "s3a"):
+            _require("s3fs", "s3:// stores need s3fs: pip install 'vislens[s3]'")
+        fs, path = url_to_fs(self.url, **self.storage_options)
+        return fs, path.rstrip("/")
+
+    @property
+    def fs(self) -> Any:
+        """The (synchronous) fsspec filesystem."""
+        return self._fs_path[0]
+
+    @property
+    def path(self) -> str:
+        """The store's root path within the filesystem."""
+        return self._fs_path[1]
+
+    @property
+    def is_local(self) -> bool:
+        """Whether the store is a folder on this machine."""
+        protocol = self.fs.protocol
+        protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+        return any(p in LOCAL_PROTOCOLS for p in protocols)
+
+    def zarr_store(self, *, read_only: bool) -> Any:
+        """A zarr v3 store object on this location (atomic file writes when local)."""
+        from zarr.storage import FsspecStore, LocalStore
+
+        if self.is_local:
+            return LocalStore(self.path, read_only=read_only)
+        return FsspecStore.from_url(self.url, storage_options=self.storage_options, read_only=read_only)
+
+    def key(self, *parts: str) -> str:
+        """Full filesystem path of a key inside the store."""
+        return posixpath.join(self.path, *parts)
+
+    def exists(self) -> bool:
+        """Whether anything exists at the store's path."""
+        try:
+            return bool(self.fs.exists(self.path))
+        except OSError:
+            return False
+
+    def is_empty(self) -> bool:
+        """Whether the path is absent or an empty folder."""
+        if not self.exists():
+            return True
+        if not self.fs.isdir(self.path):
+            return False
+        return len(self.fs.ls(self.path, detail=False)) == 0
+
+    def read_json(self, *parts: str) -> dict[str, Any] | None:
+        """A JSON document of the store, or None if it does not exist."""
+        try:
+            raw = self.fs.cat_file(self.key(*parts))
+        except (FileNotFoundError, KeyError):
+            return None
+        try:
+            doc = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StoreFormatError(f"{self.url}/{'/'.join(parts)} is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise StoreFormatError(f"{self.url}/{'/'.join(parts)} must hold a JSON object")
+        return doc
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """Bytes of every file under ``prefix``, keyed by path relative to the store."""
+        base = self.key(prefix) if prefix else self.path
+        try:
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return {}
+        root = self.path.rstrip("/") + "/"
+        return {k[len(root):] if k.startswith(root) else k: int(v.get("size") or 0) for k, v in found.items()}
+
+    def remove(self) -> None:
+        """Delete the store (used by --overwrite only)."""
+        if self.exists():
+            self.fs.rm(self.path, recursive=True)
+        self.fs.invalidate_cache()
+
+
+def _require(module: str, hint: str) -> None:
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"{exc}. {hint}") from exc
+
+
+def as_location(store: str | StoreLocation, storage_options: dict[str, Any] | None = None) -> StoreLocation:
+    """Accept a URL/path or a location."""
+    if isinstance(store, StoreLocation):
+        return store
+    return StoreLocation(str(store), dict(storage_options or {}))

@@ -1,0 +1,202 @@
+"""The vislens store format, version 1: group names, variables, flags and codecs.
+
+This module is the single source of truth for what a store holds; `docs/store-format.md`
+describes the same contract for readers without vislens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+"""Integer stored in the root attribute ``vislens_format_version``."""
+
+GROUPS = ("activations", "attention", "lens", "captions", "results")
+
+# modality of a token position (activations/modality)
+PADDING, IMAGE, TEXT = 0, 1, 2
+MODALITY_ATTRS = {
+    "flag_values": [PADDING, IMAGE, TEXT],
+    "flag_meanings": "padding image text",
+    "long_name": "modality of the token at this position",
+}
+
+# extraction status of a sample (activations/done)
+PENDING, DONE, SKIPPED = 0, 1, 2
+DONE_ATTRS = {
+    "flag_values": [PENDING, DONE, SKIPPED],
+    "flag_meanings": "pending done skipped",
+    "long_name": "extraction status; 1 is written only after all of the sample's data",
+}
+
+STRING = "string"
+"""Zarr v3 variable-length UTF-8 strings (never object dtype)."""
+
+SAFE_DATA_TYPES = frozenset(
+    {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
+    | {"float16", "float32", "float64", STRING}
+)
+SAFE_CODECS = frozenset(
+    {"bytes", "blosc", "zstd", "gzip", "crc32c", "sharding_indexed", "transpose", "vlen-utf8"}
+)
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One array of the store: its group, dimensions, dtype and attributes."""
+
+    group: str
+    name: str
+    dims: tuple[str, ...]
+    dtype: str
+    fill_value: Any
+    attrs: dict[str, Any] = field(default_factory=dict)
+    per_sample: bool = True
+    """Written sample by sample during extraction (else written once at creation)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes of every dimension of a store (fixed at creation).
+
+    Parameters
+    ----------
+    n_samples, n_layers, n_tokens, hidden : sizes of ``sample``, ``layer`` (L + 1 hidden
+        states), ``token`` (the longest sample) and ``hidden``.
+    n_heads, n_query : attention heads and query rows per sample (0 = no attention group).
+    vocab, n_images, n_captions : lens vocabulary, distinct images, captions per image.
+    block : samples per shard of the small per-sample arrays; a writer owns whole blocks.
+    """
+
+    n_samples: int
+    n_layers: int
+    n_tokens: int
+    hidden: int
+    n_heads: int
+    n_query: int
+    vocab: int
+    n_images: int
+    n_captions: int
+    block: int = 64
+
+    @property
+    def attention(self) -> bool:
+        """Whether the store has an attention group."""
+        return self.n_query > 0
+
+    def sizes(self) -> dict[str, int]:
+        """Every dimension name with its size (``layer`` of the attention group is L)."""
+        return {
+            "sample": self.n_samples,
+            "layer": self.n_layers,
+            "token": self.n_tokens,
+            "hidden": self.hidden,
+            "head": self.n_heads,
+            "head2": self.n_heads,
+            "query": self.n_query,
+            "vocab": self.vocab,
+            "image": self.n_images,
+            "caption": self.n_captions,
+            "grid": 2,
+        }
+
+
+def variables(layout: Layout) -> list[Variable]:
+    """All variables of a store with this layout, in write order (``done`` last)."""
+    acts = [
+        Variable(
+            "activations",
+            "hidden",
+            ("sample", "layer", "token", "hidden"),
+            "float16",
+            np.float16("nan"),
+            {"long_name": "hidden state of the language decoder (residual stream)"},
+        ),
+        Variable(
+            "activations",
+            "token_id",
+            ("sample", "token"),
+            "int32",
+            -1,
+            {"long_name": "input token id; -1 at padding positions"},
+        ),
+        Variable("activations", "modality", ("sample", "token"), "uint8", PADDING, MODALITY_ATTRS),
+        Variable(
+            "activations", "n_tokens", ("sample",), "int32", 0, {"long_name": "valid positions"}
+        ),
+        Variable(
+            "activations",
+            "image_grid",
+            ("sample", "grid"),
+            "int32",
+            0,
+            {"long_name": "rows and columns of the image-token patch grid (0 0 when unknown)"},
+        ),
+    ]
+    plan = [
+        Variable("activations", name, ("sample",), STRING, "", {"long_name": doc}, per_sample=False)
+        for name, doc in (
+            ("image_id", "id of the image of this sample"),
+            ("prompt_kind", "normal, noisy, empty or custom"),
+            ("prompt_id", "id of the prompt within its kind"),
+            ("prompt_text", "the instruction as given, before the chat template"),
+        )
+    ] + [
+        Variable(
+            "activations",
+            "image_index",
+            ("sample",),
+            "int32",
+            -1,
+            {"long_name": "position of this sample's image along captions/image"},
+            per_sample=False,
+        )
+    ]
+    attn = []
+    if layout.attention:
+        attn = [
+            Variable(
+                "attention",
+                "attn",
+                ("sample", "layer", "head", "query", "token"),
+                "float16",
+                np.float16(0),
+                {"long_name": "attention weights of the selected query rows (decoder layer l)"},
+            ),
+            Variable(
+                "attention",
+                "value_gram",
+                ("sample", "layer", "token", "head", "head2"),
+                "float32",
+                np.float32(0),
+                {"long_name": "Gram matrix of the head-transformed values f_h(x_j) . f_h2(x_j)"},
+            ),
+            Variable(
+                "attention",
+                "query_pos",
+                ("sample", "query"),
+                "int32",
+                -1,
+                {"long_name": "token position of each query row; -1 = unused row"},
+            ),
+        ]
+    done = Variable("activations", "done", ("sample",), "uint8", PENDING, DONE_ATTRS)
+    return acts + plan + attn + [done]
+
+
+def chunking(var: Variable, layout: Layout) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Inner chunk shape and shard shape of a per-sample variable.
+
+    Big arrays: one chunk per (sample, layer), one shard per sample (so concurrent writers
+    never share a file). Small arrays: one chunk per sample, one shard per block.
+    """
+    sizes = layout.sizes()
+    shape = tuple(sizes[d] for d in var.dims)
+    if var.name in ("hidden", "attn", "value_gram"):
+        chunk = (1, 1) + shape[2:]
+        return chunk, (1,) + shape[1:]
+    chunk = (1,) + shape[1:]
+    return chunk, (min(layout.block, shape[0]),) + shape[1:]

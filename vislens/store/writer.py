@@ -1,0 +1,191 @@
+"""Fill a pre-allocated store sample by sample: resumable, idempotent, shard-parallel.
+
+A sample's arrays are written before its ``done`` flag, so a crash at any moment leaves
+either a finished sample or one that a rerun computes again. Writers of ``--shard i/n``
+own whole blocks of samples, so they never write the same file.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from typing import Any
+
+import numpy as np
+import zarr
+
+from vislens.errors import DiskFullError, StoreExistsError, StoreFormatError, StoreMismatchError
+from vislens.store import schema
+from vislens.store.create import STATUS_CREATING, STATUS_READY, StoreSpec, create_store
+from vislens.store.location import StoreLocation
+from vislens.store.precision import keep_mantissa_bits
+
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def shard_blocks(n_samples: int, block: int, shard: tuple[int, int]) -> np.ndarray:
+    """Sample indices owned by shard ``(i, n)``: blocks i, i + n, i + 2n, ..."""
+    index, count = shard
+    if not (count >= 1 and 0 <= index < count):
+        raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
+    samples = np.arange(n_samples)
+    return samples[(samples // block) % count == index]
+
+
+class StoreWriter:
+    """Writes samples into an existing, ready store."""
+
+    def __init__(self, location: StoreLocation) -> None:
+        self.location = location
+        self.root = zarr.open_group(location.zarr_store(read_only=False), mode="r+", zarr_format=3, use_consolidated=False)
+        self.arrays: dict[str, Any] = {}
+        for group in ("activations", "attention"):
+            if group in self.root:
+                for name, array in self.root[group].arrays():
+                    self.arrays[name] = array
+        self.done = self.arrays["done"]
+        self.block = int(self.root.attrs.get("vislens_block", 64))
+        self.keep_bits = self.root.attrs.get("keep_bits")
+
+    @property
+    def n_samples(self) -> int:
+        """Samples in the store."""
+        return int(self.done.shape[0])
+
+    def status(self) -> np.ndarray:
+        """The ``done`` flag of every sample (0 pending, 1 done, 2 skipped)."""
+        return np.asarray(self.done[:])
+
+    def pending(self, shard: tuple[int, int] = (0, 1)) -> np.ndarray:
+        """Samples of this shard not yet done (skipped ones are tried again)."""
+        mine = shard_blocks(self.n_samples, self.block, shard)
+        return mine[self.status()[mine] != schema.DONE]
+
+    def write_sample(self, index: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write one sample's arrays (padded to the store's shapes), then its done flag.
+
+        Raises
+        ------
+        DiskFullError
+            When the disk fills; samples already marked done are intact.
+        """
+        with _disk_full_guard(self.location, index):
+            for name, value in arrays.items():
+                target = self.arrays[name]
+                if name == "hidden" and self.keep_bits is not None:
+                    value = keep_mantissa_bits(value, int(self.keep_bits))
+                target[index] = _pad(np.asarray(value), target.shape[1:], target.fill_value, name)
+            self.done[index] = schema.DONE
+
+    def mark_skipped(self, index: int) -> None:
+        """Flag a sample whose input could not be read."""
+        with _disk_full_guard(self.location, index):
+            self.done[index] = schema.SKIPPED
+
+
+def _pad(value: np.ndarray, shape: tuple[int, ...], fill: Any, name: str) -> np.ndarray:
+    if value.shape == shape:
+        return value
+    if value.ndim != len(shape) or any(v > s for v, s in zip(value.shape, shape)):
+        raise StoreFormatError(f"{name}: sample of shape {value.shape} does not fit the store's {shape}")
+    pad_value = 0 if name == "hidden" else fill
+    out = np.full(shape, pad_value, dtype=value.dtype)
+    out[tuple(slice(0, n) for n in value.shape)] = value
+    return out
+
+
+class _disk_full_guard:
+    def __init__(self, location: StoreLocation, index: int) -> None:
+        self.location, self.index = location, index
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+        if isinstance(exc, OSError) and exc.errno in FULL_DISK_ERRNOS:
+            raise DiskFullError(
+                exc.errno,
+                f"no space left while writing sample {self.index} to {self.location.url}. Samples "
+                "already marked done are intact; free space and rerun the same command to resume.",
+            ) from exc
+        return False
+
+
+def read_root(location: StoreLocation) -> dict[str, Any] | None:
+    """The root group's attributes, or None if there is no zarr group."""
+    doc = location.read_json("zarr.json")
+    if doc is None:
+        return None
+    return doc.get("attributes", {})
+
+
+def prepare_store(
+    location: StoreLocation,
+    spec: StoreSpec,
+    *,
+    overwrite: bool = False,
+    creator: bool = True,
+    wait_s: float = 600.0,
+) -> StoreWriter:
+    """Create the store, or reopen it to resume the same extraction.
+
+    ``creator`` is False for shard writers other than shard 0: they wait for the store
+    to become ready instead of creating it.
+
+    Raises
+    ------
+    StoreExistsError
+        When the path holds something that is not a vislens store.
+    StoreMismatchError
+        When the store was made by a different extraction (and ``overwrite`` is False).
+    """
+    attrs = read_root(location)
+    if attrs is None and not location.is_empty():
+        raise StoreExistsError(
+            f"{location.url} already holds files that are not a vislens store; "
+            "choose an empty or new --out path (nothing was changed)"
+        )
+    if attrs is not None and "vislens_format_version" not in attrs:
+        raise StoreExistsError(
+            f"{location.url} holds a zarr store that is not a vislens store; "
+            "choose another --out path (nothing was changed)"
+        )
+    if attrs is not None and attrs.get("vislens_status") == STATUS_READY:
+        if attrs.get("vislens_fingerprint") == spec.fingerprint:
+            return StoreWriter(location)
+        if not overwrite:
+            raise StoreMismatchError(
+                f"{location.url} holds an extraction with different arguments "
+                f"(stored: {attrs.get('vislens_extraction', {}).get('args')}); rerun with the "
+                "original arguments to resume, pick another --out, or pass --overwrite to replace it"
+            )
+        if not creator:
+            return _wait_ready(location, spec, wait_s)
+    elif attrs is not None and not creator:  # being created by shard 0
+        return _wait_ready(location, spec, wait_s)
+    if not creator and attrs is None:
+        return _wait_ready(location, spec, wait_s)
+    location.remove()  # empty, half-created (status "creating") or --overwrite
+    create_store(location, spec)
+    return StoreWriter(location)
+
+
+def _wait_ready(location: StoreLocation, spec: StoreSpec, wait_s: float) -> StoreWriter:
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        location.fs.invalidate_cache()
+        attrs = read_root(location)
+        if attrs and attrs.get("vislens_status") == STATUS_READY:
+            if attrs.get("vislens_fingerprint") != spec.fingerprint:
+                raise StoreMismatchError(
+                    f"{location.url} was created by shard 0 for a different extraction; "
+                    "run every shard with the same arguments"
+                )
+            return StoreWriter(location)
+        time.sleep(0.5)
+    raise TimeoutError(
+        f"{location.url} was not created within {wait_s:.0f} s; shard 0 creates the store, so start it first"
+    )
+
+
+__all__ = ["StoreWriter", "prepare_store", "shard_blocks", "read_root", "STATUS_CREATING"]
