@@ -1,0 +1,55 @@
+"""The ``vislens`` command: a thin layer of argument parsing over the public functions.
+
+One module per group of subcommands; each has ``add_<name>(subparsers)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from vislens.cli import analyze, demo, extract
+from vislens.errors import VislensError
+
+DESCRIPTION = """\
+vislens: extract the internals of a vision LLM once, analyse them many times.
+
+  vislens demo --out DIR             the whole path on the embedded tiny LLaVA (no downloads)
+  vislens extract --model M --data D --out STORE
+  vislens analyze cosine STORE --out DIR
+  vislens info STORE / vislens verify STORE
+
+Stores are Zarr v3 folders (or s3://, memory://, https:// URLs) readable with xarray.
+"""
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vislens`` argument parser."""
+    from vislens import __version__
+
+    parser = argparse.ArgumentParser(prog="vislens", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"vislens {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (extract.add_extract, analyze.add_analyze, demo.add_demo, demo.add_toy):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``vislens`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except VislensError as exc:
+        print(f"vislens {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
