@@ -10,7 +10,9 @@ from vislens.extract import ExtractConfig, extract, toy_model_path
 from vislens.store import open_store
 
 
-def run_demo(out: Path, *, n_images: int = 24, prompts: tuple[str, ...] = ("normal", "noisy", "empty"), progress: bool = True) -> dict[str, Path]:
+def run_demo(
+    out: Path, *, n_images: int = 24, prompts: tuple[str, ...] = ("normal", "noisy", "empty"), progress: bool = True
+) -> dict[str, Path]:
     """Build the toy model and data, extract into ``out/store.zarr``, analyse into ``out``.
 
     Returns the paths written, by name. Rerunning reuses the finished store.

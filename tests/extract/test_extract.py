@@ -35,7 +35,9 @@ def test_hidden_states_equal_the_models_own(toy_models, manifest, tmp_path, arch
     for s in range(acts.sizes["sample"]):
         record = records[int(acts.image_index[s])]
         assert str(acts.image_id[s].values) == record["id"]
-        inputs, outputs = run_reference(model, processor, str(manifest.parent / record["image"]), str(acts.prompt_text[s].values))
+        inputs, outputs = run_reference(
+            model, processor, str(manifest.parent / record["image"]), str(acts.prompt_text[s].values)
+        )
         ref = hidden_of(outputs)
         n = ref.shape[1]
         assert int(acts.n_tokens[s]) == n

@@ -15,7 +15,9 @@ def _series_label(row_store: str, kind: str, several_stores: bool) -> str:
     return f"{Path(row_store.rstrip('/')).name or row_store} · {kind}" if several_stores else kind
 
 
-def plot_lines(table: pd.DataFrame, columns: list[str], path: str | Path, *, ylabel: str, titles: list[str] | None = None) -> Path:
+def plot_lines(
+    table: pd.DataFrame, columns: list[str], path: str | Path, *, ylabel: str, titles: list[str] | None = None
+) -> Path:
     """One panel per column: value vs layer, one line per (store, prompt kind)."""
     path = Path(path)
     several = table["store"].nunique() > 1

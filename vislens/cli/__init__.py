@@ -23,11 +23,14 @@ vislens: extract the internals of a vision LLM once, analyse them many times.
 Stores are Zarr v3 folders (or s3://, memory://, https:// URLs) readable with xarray.
 """
 
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``vislens`` argument parser."""
     from vislens import __version__
 
-    parser = argparse.ArgumentParser(prog="vislens", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="vislens", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"vislens {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -40,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vislens`` command."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.func(args) or 0)
     except VislensError as exc:

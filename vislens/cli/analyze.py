@@ -9,7 +9,9 @@ from vislens.cli.common import dask_context, storage_options
 
 
 def add_analyze(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("analyze", help="analyses over stores (no model needed)", description="Analyses over one or more stores.")
+    p = sub.add_parser(
+        "analyze", help="analyses over stores (no model needed)", description="Analyses over one or more stores."
+    )
     asub = p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
     c = asub.add_parser(
         "cosine",
@@ -21,7 +23,9 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
     c.add_argument("stores", nargs="+", metavar="STORE", help="store paths or URLs (several: side by side)")
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--backend", default="auto", choices=["auto", "numba", "torch", "triton"], help="kernel backend")
-    c.add_argument("--workers", type=int, default=0, help="run on a local Dask cluster of N worker processes (0: threads)")
+    c.add_argument(
+        "--workers", type=int, default=0, help="run on a local Dask cluster of N worker processes (0: threads)"
+    )
     c.add_argument("--storage-options", help="JSON fsspec options for the store URLs")
     c.set_defaults(func=_cmd_cosine)
 

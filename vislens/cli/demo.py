@@ -36,7 +36,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_toy(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("toy", help="build the embedded tiny LLaVA and print its folder", description="Build (or reuse) the embedded tiny LLaVA checkpoint and print its folder, for --model.")
+    p = sub.add_parser(
+        "toy",
+        help="build the embedded tiny LLaVA and print its folder",
+        description="Build (or reuse) the embedded tiny LLaVA checkpoint and print its folder, for --model.",
+    )
     p.set_defaults(func=_cmd_toy)
 
 

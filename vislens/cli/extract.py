@@ -21,18 +21,32 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder or hub id (e.g. llava-hf/llava-1.5-7b-hf)")
     p.add_argument("--data", required=True, help="JSONL manifest, or 'synthetic[:N]' for the embedded shapes set")
     p.add_argument("--out", required=True, help="store path or URL (s3://bucket/x.zarr, memory://x)")
-    p.add_argument("--prompts", type=kinds, default=("normal",), help="comma-separated prompt kinds: normal,noisy,empty")
+    p.add_argument(
+        "--prompts", type=kinds, default=("normal",), help="comma-separated prompt kinds: normal,noisy,empty"
+    )
     p.add_argument("--prompt", help="one custom instruction instead of the study's ten normal prompts")
     p.add_argument("--prompts-file", help='JSON {"id": "prompt"} replacing the ten normal prompts')
-    p.add_argument("--all-prompts", action="store_true", help="every normal prompt for every image (default: cycle through them)")
+    p.add_argument(
+        "--all-prompts", action="store_true", help="every normal prompt for every image (default: cycle through them)"
+    )
     p.add_argument("--limit", type=int, help="use only N images (the first N, or a random N with --seed)")
     p.add_argument("--seed", type=int, help="random sample of --limit images drawn with this seed")
     p.add_argument("--noise-seed", type=int, default=0, help="seed of the noisy prompts")
     p.add_argument("--batch-size", type=int, default=4, help="samples per forward pass")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if present)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"], help="model dtype (auto: fp16 on GPU, fp32 on CPU)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float16", "bfloat16", "float32"],
+        help="model dtype (auto: fp16 on GPU, fp32 on CPU)",
+    )
     p.add_argument("--revision", help="model revision (branch, tag or commit) for hub ids")
-    p.add_argument("--attention", default="text", choices=["none", "last", "text", "all"], help="query rows whose attention is stored")
+    p.add_argument(
+        "--attention",
+        default="text",
+        choices=["none", "last", "text", "all"],
+        help="query rows whose attention is stored",
+    )
     p.add_argument("--keep-bits", type=int, help="LOSSY: keep N of fp16's 10 mantissa bits of hidden states (1-10)")
     p.add_argument("--shard", type=shard, default=(0, 1), help="this process's share i/n of the samples")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store made with other arguments")

@@ -43,7 +43,9 @@ def prompt_kinds(config: ExtractConfig) -> tuple[str, ...]:
     return tuple(dict.fromkeys(config.prompts))
 
 
-def _prompts_for(i: int, kind: str, config: ExtractConfig, normal: list[Prompt], vocab: tuple[list[str], np.ndarray]) -> list[Prompt]:
+def _prompts_for(
+    i: int, kind: str, config: ExtractConfig, normal: list[Prompt], vocab: tuple[list[str], np.ndarray]
+) -> list[Prompt]:
     if kind == "normal":
         return list(normal) if config.all_prompts else [normal[i % len(normal)]]
     if kind == "noisy":
@@ -51,7 +53,9 @@ def _prompts_for(i: int, kind: str, config: ExtractConfig, normal: list[Prompt],
     return [Prompt("empty", "empty", "")]
 
 
-def make_plan(dataset: DataSet, config: ExtractConfig, adapter: Adapter, vocab: tuple[list[str], np.ndarray]) -> list[Sample]:
+def make_plan(
+    dataset: DataSet, config: ExtractConfig, adapter: Adapter, vocab: tuple[list[str], np.ndarray]
+) -> list[Sample]:
     """Every sample of the extraction, image-major, with its planned token counts."""
     kinds = prompt_kinds(config)
     if config.prompt is not None:

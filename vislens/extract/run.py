@@ -120,9 +120,20 @@ def _store_spec(config: ExtractConfig, loaded: LoadedModel, data: DataSet, plan:
         "vislens_version": vislens.__version__,
         "model": model_attrs(loaded),
         "extraction": {"args": args, "device": config.resolved_device(), "batch_size": config.batch_size},
-        "dataset": {"name": data.name, "split": data.split, "seed": data.seed, "source": data.source, "n_images": len(data.records)},
-        "prompts": {"kinds": list(dict.fromkeys(config.prompts)), "file": config.prompts_file or "vislens:prompts_normal.json",
-                    "custom": config.prompt, "all_prompts": config.all_prompts, "noise_seed": config.noise_seed},
+        "dataset": {
+            "name": data.name,
+            "split": data.split,
+            "seed": data.seed,
+            "source": data.source,
+            "n_images": len(data.records),
+        },
+        "prompts": {
+            "kinds": list(dict.fromkeys(config.prompts)),
+            "file": config.prompts_file or "vislens:prompts_normal.json",
+            "custom": config.prompt,
+            "all_prompts": config.all_prompts,
+            "noise_seed": config.noise_seed,
+        },
         "attention_mode": config.attention,
         "keep_bits": config.keep_bits,
         "n_samples": len(plan),
@@ -180,7 +191,9 @@ def _query_positions(modality: torch.Tensor, n_tokens: torch.Tensor, mode: str, 
     return out
 
 
-def _run_batch(loaded: LoadedModel, config: ExtractConfig, batch: list[Sample], images: list, q_capacity: int) -> list[dict[str, np.ndarray]]:
+def _run_batch(
+    loaded: LoadedModel, config: ExtractConfig, batch: list[Sample], images: list, q_capacity: int
+) -> list[dict[str, np.ndarray]]:
     adapter = loaded.adapter
     device = config.resolved_device()
     inputs = adapter.encode(images, [s.text for s in batch])
@@ -190,7 +203,9 @@ def _run_batch(loaded: LoadedModel, config: ExtractConfig, batch: list[Sample], 
     for b, sample in enumerate(batch):
         n = int(n_tokens[b])
         if not bool(mask[b, :n].all()):
-            raise ModelError("the processor padded on the left; vislens needs right padding (tokenizer.padding_side='right')")
+            raise ModelError(
+                "the processor padded on the left; vislens needs right padding (tokenizer.padding_side='right')"
+            )
         if n != sample.n_tokens or int(image_mask[b].sum()) != sample.n_image_tokens:
             raise ModelError(
                 f"sample {sample.index} ({sample.record.id}) has {n} tokens ({int(image_mask[b].sum())} image) "
@@ -200,7 +215,9 @@ def _run_batch(loaded: LoadedModel, config: ExtractConfig, batch: list[Sample], 
     if expected is not None:
         found = image_mask.sum(1).tolist()
         if found != expected:
-            raise ModelError(f"image placeholders {found} do not match the image features {expected}; the prompt or processor is wrong")
+            raise ModelError(
+                f"image placeholders {found} do not match the image features {expected}; the prompt or processor is wrong"
+            )
     modality = torch.where(image_mask, schema.IMAGE, torch.where(mask, schema.TEXT, schema.PADDING)).to(torch.uint8)
     qpos = _query_positions(modality, n_tokens, config.attention, q_capacity) if q_capacity else None
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
@@ -249,11 +266,15 @@ def extract(config: ExtractConfig, *, loaded: LoadedModel | None = None) -> Extr
     location = as_location(config.out, config.storage_options)
     data = load_data(config.data, limit=config.limit, seed=config.seed)
     if loaded is None:
-        loaded = load_adapter(config.model, device=config.resolved_device(), dtype=config.dtype, revision=config.revision)
+        loaded = load_adapter(
+            config.model, device=config.resolved_device(), dtype=config.dtype, revision=config.revision
+        )
     vocab = loaded.adapter.vocabulary()
     plan = make_plan(data, config, loaded.adapter, vocab)
     spec = _store_spec(config, loaded, data, plan, vocab)
-    writer = prepare_store(location, spec, overwrite=config.overwrite, creator=config.shard[0] == 0, wait_s=config.wait_s)
+    writer = prepare_store(
+        location, spec, overwrite=config.overwrite, creator=config.shard[0] == 0, wait_s=config.wait_s
+    )
     todo = writer.pending(config.shard)
     owned = len(shard_blocks(len(plan), spec.layout.block, config.shard))
     result = ExtractResult(location.url, len(plan), already_done=owned - len(todo))

@@ -111,7 +111,9 @@ def _attention(spec: StoreSpec) -> tuple[xr.Dataset, dict[str, Any]]:
         chunk, shard = schema.chunking(var, layout)
         chunk = tuple(min(c, s) for c, s in zip(chunk, shape))
         shard = (1,) + shape[1:] if var.name != "query_pos" else shard
-        data[var.name] = xr.Variable(var.dims, da.full(shape, var.fill_value, dtype=var.dtype, chunks=shard), attrs=var.attrs)
+        data[var.name] = xr.Variable(
+            var.dims, da.full(shape, var.fill_value, dtype=var.dtype, chunks=shard), attrs=var.attrs
+        )
         typesize = np.dtype(var.dtype).itemsize
         codecs = hidden_codecs(spec.clevel, typesize) if var.name != "query_pos" else small_codecs()
         encoding[var.name] = {"chunks": chunk, "shards": shard, "compressors": codecs, "fill_value": var.fill_value}
@@ -132,14 +134,21 @@ def _lens(lens: LensData) -> tuple[xr.Dataset, dict[str, Any]]:
     data = {
         "unembedding": (("vocab", "hidden"), lens.unembedding, {"long_name": "W_U: logits = norm(h) @ W_U.T"}),
         "norm_weight": (("hidden",), lens.norm_weight.astype(np.float32)),
-        "vocab_text": (("vocab",), _strings(lens.vocab_text), {"long_name": "token text after other text (leading space kept)"}),
+        "vocab_text": (
+            ("vocab",),
+            _strings(lens.vocab_text),
+            {"long_name": "token text after other text (leading space kept)"},
+        ),
         "vocab_special": (("vocab",), lens.vocab_special.astype(bool)),
     }
     if lens.norm_bias is not None:
         data["norm_bias"] = (("hidden",), lens.norm_bias.astype(np.float32))
     ds = xr.Dataset(data, attrs={"norm_kind": lens.norm_kind, "norm_eps": float(lens.norm_eps)})
     encoding = {name: {"compressors": small_codecs()} for name in data}
-    encoding["unembedding"] = {"chunks": (rows, hidden), "compressors": hidden_codecs(3, lens.unembedding.dtype.itemsize)}
+    encoding["unembedding"] = {
+        "chunks": (rows, hidden),
+        "compressors": hidden_codecs(3, lens.unembedding.dtype.itemsize),
+    }
     return ds, encoding
 
 
@@ -169,7 +178,7 @@ def create_store(location: StoreLocation, spec: StoreSpec) -> None:
         "vislens_status": STATUS_CREATING,
         "vislens_fingerprint": spec.fingerprint,
         "vislens_block": spec.layout.block,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         **spec.attrs,
     }
     root = zarr.open_group(store, mode="w", zarr_format=3, attributes=attrs)

@@ -99,7 +99,7 @@ class StoreLocation:
         except FileNotFoundError:
             return {}
         root = self.path.rstrip("/") + "/"
-        return {k[len(root):] if k.startswith(root) else k: int(v.get("size") or 0) for k, v in found.items()}
+        return {k[len(root) :] if k.startswith(root) else k: int(v.get("size") or 0) for k, v in found.items()}
 
     def remove(self) -> None:
         """Delete the store (used by --overwrite only)."""

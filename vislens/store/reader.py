@@ -93,7 +93,7 @@ def metadata_documents(location: StoreLocation, root: dict[str, Any]) -> dict[st
     try:
         found = location.fs.find(location.path, detail=False)
         base = location.path.rstrip("/") + "/"
-        paths |= {p[len(base):-len("/zarr.json")] for p in found if p.endswith("/zarr.json") and p.startswith(base)}
+        paths |= {p[len(base) : -len("/zarr.json")] for p in found if p.endswith("/zarr.json") and p.startswith(base)}
     except (OSError, NotImplementedError, ValueError):
         pass  # stores that cannot be listed (plain HTTP) are checked through their consolidated paths
     for path in sorted(paths):
@@ -137,7 +137,9 @@ def open_store(store: str | StoreLocation, storage_options: dict[str, Any] | Non
     return tree
 
 
-def open_group(store: str | StoreLocation | xr.DataTree, group: str, storage_options: dict[str, Any] | None = None) -> xr.Dataset:
+def open_group(
+    store: str | StoreLocation | xr.DataTree, group: str, storage_options: dict[str, Any] | None = None
+) -> xr.Dataset:
     """One group of a store as a Dataset (accepts an already opened tree)."""
     tree = store if isinstance(store, xr.DataTree) else open_store(store, storage_options)
     if group not in tree.children:

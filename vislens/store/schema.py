@@ -39,9 +39,7 @@ SAFE_DATA_TYPES = frozenset(
     {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
     | {"float16", "float32", "float64", STRING}
 )
-SAFE_CODECS = frozenset(
-    {"bytes", "blosc", "zstd", "gzip", "crc32c", "sharding_indexed", "transpose", "vlen-utf8"}
-)
+SAFE_CODECS = frozenset({"bytes", "blosc", "zstd", "gzip", "crc32c", "sharding_indexed", "transpose", "vlen-utf8"})
 
 
 @dataclass(frozen=True)
@@ -124,9 +122,7 @@ def variables(layout: Layout) -> list[Variable]:
             {"long_name": "input token id; -1 at padding positions"},
         ),
         Variable("activations", "modality", ("sample", "token"), "uint8", PADDING, MODALITY_ATTRS),
-        Variable(
-            "activations", "n_tokens", ("sample",), "int32", 0, {"long_name": "valid positions"}
-        ),
+        Variable("activations", "n_tokens", ("sample",), "int32", 0, {"long_name": "valid positions"}),
         Variable(
             "activations",
             "image_grid",

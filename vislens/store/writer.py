@@ -37,7 +37,9 @@ class StoreWriter:
 
     def __init__(self, location: StoreLocation) -> None:
         self.location = location
-        self.root = zarr.open_group(location.zarr_store(read_only=False), mode="r+", zarr_format=3, use_consolidated=False)
+        self.root = zarr.open_group(
+            location.zarr_store(read_only=False), mode="r+", zarr_format=3, use_consolidated=False
+        )
         self.arrays: dict[str, Any] = {}
         for group in ("activations", "attention"):
             if group in self.root:

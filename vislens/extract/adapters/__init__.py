@@ -29,8 +29,7 @@ def adapter_class(model_type: str) -> type[Adapter]:
             return cls
     supported = ", ".join(t for cls in ADAPTERS for t in cls.model_types)
     raise UnsupportedModelError(
-        f"no vislens adapter for model_type {model_type!r}; supported: {supported}. "
-        f"To add a family, see {ADDING_DOC}."
+        f"no vislens adapter for model_type {model_type!r}; supported: {supported}. To add a family, see {ADDING_DOC}."
     )
 
 

@@ -204,7 +204,7 @@ class Adapter:
             skip_special_tokens=False,
             clean_up_tokenization_spaces=False,
         )
-        texts = [t[len(anchor):] if t.startswith(anchor) else t for t in full] + [""] * (size - n)
+        texts = [t[len(anchor) :] if t.startswith(anchor) else t for t in full] + [""] * (size - n)
         special = np.ones(size, dtype=bool)
         special[:n] = [i in special_ids for i in range(n)]
         return texts, special

@@ -40,11 +40,7 @@ def caption_corpus() -> list[str]:
                 for shape in SHAPES:
                     for background in COLOURS:
                         if background != colour:
-                            out.append(
-                                template.format(
-                                    size=size, colour=colour, shape=shape, background=background
-                                )
-                            )
+                            out.append(template.format(size=size, colour=colour, shape=shape, background=background))
     return sorted(set(out))
 
 
