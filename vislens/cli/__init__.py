@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from vislens.cli import analyze, demo, extract
+from vislens.cli import analyze, demo, extract, store
 from vislens.errors import VislensError
 
 DESCRIPTION = """\
@@ -34,7 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vislens {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (extract.add_extract, analyze.add_analyze, demo.add_demo, demo.add_toy):
+    for add in (
+        extract.add_extract,
+        analyze.add_analyze,
+        store.add_info,
+        store.add_verify,
+        demo.add_demo,
+        demo.add_toy,
+    ):
         add(sub)
     return parser
 

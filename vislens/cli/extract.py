@@ -19,7 +19,27 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, help="checkpoint folder or hub id (e.g. llava-hf/llava-1.5-7b-hf)")
-    p.add_argument("--data", required=True, help="JSONL manifest, or 'synthetic[:N]' for the embedded shapes set")
+    p.add_argument(
+        "--data",
+        required=True,
+        help=(
+            "data set: a JSONL manifest; 'synthetic[:N]' (the embedded shapes set); "
+            "'coco:PATH/dataset_coco.json' (Karpathy split file; needs --images, uses --split); "
+            "'winoground:PATH' (folder with examples.jsonl and images/, the examples.jsonl file, "
+            "or the Hugging Face parquet export)"
+        ),
+    )
+    p.add_argument(
+        "--images",
+        metavar="DIR",
+        help="image root for coco: specs (holding train2014/, val2014/); for winoground: the images/ folder",
+    )
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "val", "test", "restval", "all"],
+        help="Karpathy split of coco: specs",
+    )
     p.add_argument("--out", required=True, help="store path or URL (s3://bucket/x.zarr, memory://x)")
     p.add_argument(
         "--prompts", type=kinds, default=("normal",), help="comma-separated prompt kinds: normal,noisy,empty"
@@ -29,7 +49,11 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--all-prompts", action="store_true", help="every normal prompt for every image (default: cycle through them)"
     )
-    p.add_argument("--limit", type=int, help="use only N images (the first N, or a random N with --seed)")
+    p.add_argument(
+        "--limit",
+        type=int,
+        help="use only N images (winoground: N items of two images); the first N, or a random N with --seed",
+    )
     p.add_argument("--seed", type=int, help="random sample of --limit images drawn with this seed")
     p.add_argument("--noise-seed", type=int, default=0, help="seed of the noisy prompts")
     p.add_argument("--batch-size", type=int, default=4, help="samples per forward pass")
@@ -49,6 +73,12 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--keep-bits", type=int, help="LOSSY: keep N of fp16's 10 mantissa bits of hidden states (1-10)")
     p.add_argument("--shard", type=shard, default=(0, 1), help="this process's share i/n of the samples")
+    p.add_argument(
+        "--block",
+        type=int,
+        default=64,
+        help="samples per file of the small per-sample arrays; --shard splits whole blocks",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing store made with other arguments")
     p.add_argument("--strict", action="store_true", help="fail on a missing/unreadable image instead of skipping it")
     p.add_argument("--storage-options", help="JSON fsspec options for the store URL (e.g. an S3 endpoint)")
@@ -67,6 +97,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         prompts_file=args.prompts_file,
         all_prompts=args.all_prompts,
+        images=args.images,
+        split=args.split,
         limit=args.limit,
         seed=args.seed,
         noise_seed=args.noise_seed,
@@ -77,6 +109,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         attention=args.attention,
         keep_bits=args.keep_bits,
         shard=args.shard,
+        block=args.block,
         overwrite=args.overwrite,
         strict=args.strict,
         progress=not args.no_progress,

@@ -169,10 +169,14 @@ class _BackgroundWriter:
         while len(self.pending) > self.depth:
             self.pending.pop(0).result()
 
-    def close(self) -> None:
+    def close(self, *, quiet: bool = False) -> None:
+        """Wait for every write; ``quiet`` drops their errors (one is already being raised)."""
         try:
             for future in self.pending:
-                future.result()
+                if quiet:
+                    future.exception()
+                else:
+                    future.result()
         finally:
             self.pool.shutdown(wait=True)
 
@@ -264,7 +268,7 @@ def extract(config: ExtractConfig, *, loaded: LoadedModel | None = None) -> Extr
     """
     start = time.perf_counter()
     location = as_location(config.out, config.storage_options)
-    data = load_data(config.data, limit=config.limit, seed=config.seed)
+    data = load_data(config.data, limit=config.limit, seed=config.seed, images=config.images, split=config.split)
     if loaded is None:
         loaded = load_adapter(
             config.model, device=config.resolved_device(), dtype=config.dtype, revision=config.revision
@@ -299,8 +303,10 @@ def extract(config: ExtractConfig, *, loaded: LoadedModel | None = None) -> Extr
                         background.submit(writer.write_sample, sample.index, arrays)
                         result.written += 1
                 bar.update(len(batch))
-    finally:
-        background.close()
+    except BaseException:
+        background.close(quiet=True)  # the first error is the one to report
+        raise
+    background.close()
     result.seconds = time.perf_counter() - start
     if result.skipped:
         log.warning("%d samples skipped for unreadable images", len(result.skipped))

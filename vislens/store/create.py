@@ -97,6 +97,7 @@ def _activations(spec: StoreSpec) -> tuple[xr.Dataset, dict[str, Any]]:
         "sample": ("sample", np.arange(layout.n_samples, dtype=np.int64)),
         "layer": xr.Variable("layer", np.arange(layout.n_layers, dtype=np.int32), attrs=spec.layer_attrs),
     }
+    encoding |= {name: {"compressors": small_codecs()} for name in coords}
     return xr.Dataset(data, coords=coords), encoding
 
 
@@ -125,6 +126,7 @@ def _attention(spec: StoreSpec) -> tuple[xr.Dataset, dict[str, Any]]:
             attrs={"long_name": "decoder layer; its input is activations layer l"},
         ),
     }
+    encoding |= {name: {"compressors": small_codecs()} for name in coords}
     return xr.Dataset(data, coords=coords), encoding
 
 
@@ -152,7 +154,8 @@ def _lens(lens: LensData) -> tuple[xr.Dataset, dict[str, Any]]:
     return ds, encoding
 
 
-def _captions(captions: CaptionData) -> tuple[xr.Dataset, dict[str, Any]]:
+def captions_dataset(captions: CaptionData) -> tuple[xr.Dataset, dict[str, Any]]:
+    """The ``captions`` group (``image_id``, ``text``, ``n_captions``) and its encoding."""
     n = len(captions.image_ids)
     width = max([len(c) for c in captions.captions] + [1])
     table = [list(c) + [""] * (width - len(c)) for c in captions.captions]
@@ -182,7 +185,7 @@ def create_store(location: StoreLocation, spec: StoreSpec) -> None:
         **spec.attrs,
     }
     root = zarr.open_group(store, mode="w", zarr_format=3, attributes=attrs)
-    parts = [("activations", _activations(spec)), ("captions", _captions(spec.captions))]
+    parts = [("activations", _activations(spec)), ("captions", captions_dataset(spec.captions))]
     if spec.layout.attention:
         parts.append(("attention", _attention(spec)))
     if spec.lens is not None:
