@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vislens.analyze.cosine import cosine_table
-from vislens.analyze.figures import plot_cosine
+from vislens.analyze.outputs import write_cosine
+from vislens.analyze.report import write_report
 from vislens.extract import ExtractConfig, extract, toy_model_path
 from vislens.store import open_store
 
@@ -15,7 +15,8 @@ def run_demo(
 ) -> dict[str, Path]:
     """Build the toy model and data, extract into ``out/store.zarr``, analyse into ``out``.
 
-    Returns the paths written, by name. Rerunning reuses the finished store.
+    Writes ``cosine.csv``/``cosine.png`` (analysis 2) and ``report/index.html`` (every
+    analysis). Returns the paths written, by name. Rerunning reuses the finished store.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -31,8 +32,13 @@ def run_demo(
         progress=progress,
     )
     print(extract(config).summary())
-    tree = open_store(str(store))
-    table = cosine_table([tree])
-    table.to_csv(out / "cosine.csv", index=False)
-    plot_cosine(table, out / "cosine.png")
-    return {"model": model, "store": store, "cosine": out / "cosine.csv", "figure": out / "cosine.png"}
+    trees = [open_store(str(store))]
+    written = write_cosine(trees, out)
+    report = write_report(trees, out / "report", progress=progress)
+    return {
+        "model": model,
+        "store": store,
+        "cosine": written["cosine.csv"],
+        "figure": written["cosine.png"],
+        "report": report,
+    }

@@ -49,3 +49,32 @@ def model_name(store: StoreLike) -> str:
     """The model a store was extracted from."""
     model = store.attrs.get("model", {}) if not isinstance(store, str) else {}
     return str(model.get("name_or_path", ""))
+
+
+def compute(obj: Any, *, progress: bool = False) -> Any:
+    """Compute a lazy xarray object on the active Dask scheduler, with a progress bar if asked.
+
+    With a `distributed` client active (e.g. a LocalCluster), the work runs on its workers.
+    """
+    if not progress:
+        return obj.compute()
+    try:
+        from distributed import get_client
+
+        get_client()
+    except (ImportError, ValueError):
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar(minimum=1.0):
+            return obj.compute()
+    from distributed import progress as distributed_progress
+
+    persisted = obj.persist()
+    distributed_progress(persisted)
+    return persisted.compute()
+
+
+def as_text(array: xr.DataArray) -> xr.DataArray:
+    """A (computed) string array as fixed-width unicode, which grouping and pandas handle everywhere."""
+    values = np.asarray(array.values)
+    return array.copy(data=np.array(values.tolist(), dtype=str).reshape(values.shape))

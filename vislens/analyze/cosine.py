@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from vislens.analyze.common import StoreLike, as_tree, finished, group, label, model_name
+from vislens.analyze.common import StoreLike, as_text, as_tree, finished, group, label, model_name
 from vislens.store import IMAGE, TEXT
 
 STATS = ("inter_modal", "intra_image", "intra_text")
@@ -66,7 +66,7 @@ def cosine_per_sample(store: StoreLike, *, backend: str = "auto", samples_per_ta
         kwargs={"backend": backend},
     )
     out = xr.Dataset({name: stats.isel(stat=i, drop=True) for i, name in enumerate(STATS)})
-    return out.assign_coords(prompt_kind=acts["prompt_kind"], image_id=acts["image_id"])
+    return out.assign_coords(prompt_kind=as_text(acts["prompt_kind"]), image_id=as_text(acts["image_id"]))
 
 
 def cosine(store: StoreLike, *, backend: str = "auto", samples_per_task: int = 4) -> xr.Dataset:
@@ -78,7 +78,6 @@ def cosine(store: StoreLike, *, backend: str = "auto", samples_per_task: int = 4
     backend : kernel backend for `vislens.kernels.mean_cosine`.
     """
     per_sample = cosine_per_sample(store, backend=backend, samples_per_task=samples_per_task).compute()
-    per_sample = per_sample.assign_coords(prompt_kind=per_sample["prompt_kind"].astype(str))
     means = per_sample.drop_vars("image_id").groupby("prompt_kind").mean("sample")
     means["n_samples"] = per_sample["inter_modal"].isel(layer=0).groupby("prompt_kind").count("sample")
     return means

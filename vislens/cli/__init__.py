@@ -17,7 +17,8 @@ vislens: extract the internals of a vision LLM once, analyse them many times.
 
   vislens demo --out DIR             the whole path on the embedded tiny LLaVA (no downloads)
   vislens extract --model M --data D --out STORE
-  vislens analyze cosine STORE --out DIR
+  vislens analyze cosine|logit-lens|norm-attention STORE... --out DIR
+  vislens report STORE... --out DIR  every analysis on one HTML page
   vislens info STORE / vislens verify STORE
 
 Stores are Zarr v3 folders (or s3://, memory://, https:// URLs) readable with xarray.
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (
         extract.add_extract,
         analyze.add_analyze,
+        analyze.add_report,
         store.add_info,
         store.add_verify,
         demo.add_demo,

@@ -134,7 +134,18 @@ def open_store(store: str | StoreLocation, storage_options: dict[str, Any] | Non
         chunks={},
     )
     tree.attrs["vislens_url"] = location.url
+    _OPTIONS[location.url] = dict(location.storage_options)
     return tree
+
+
+_OPTIONS: dict[str, dict[str, Any]] = {}
+"""Storage options of the stores opened in this process, by URL (kept out of attributes)."""
+
+
+def location_of(tree: xr.DataTree) -> StoreLocation:
+    """Where an opened store lives, with the storage options it was opened with."""
+    url = tree.attrs["vislens_url"]
+    return StoreLocation(url, _OPTIONS.get(url, {}))
 
 
 def open_group(

@@ -1,0 +1,75 @@
+"""Cosine similarity equals a brute-force all-pairs mean over the model's own hidden states."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+import torch
+from distributed import get_task_stream
+
+from tests.helpers import hidden_of, load_reference, run_reference
+from vislens.analyze import cosine, cosine_per_sample, cosine_table
+from vislens.store import open_store
+
+
+def brute_force(a: np.ndarray, b: np.ndarray, same: bool = False) -> float:
+    """Mean over all pairs (i != j when same) of cos(a_i, b_j), written plainly."""
+    a = torch.from_numpy(a).double()
+    b = torch.from_numpy(b).double()
+    sims = torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).T
+    if same:
+        sims = sims[~torch.eye(len(a), dtype=torch.bool)]
+    return float(sims.mean())
+
+
+@pytest.mark.parametrize("arch", ["mha", "gqa"])
+def test_cosine_equals_brute_force_on_the_models_own_states(analysis_stores, toy_models, manifest, arch):
+    tree = open_store(analysis_stores[arch])
+    ours = cosine_per_sample(tree).compute()
+    acts = tree["activations"].to_dataset()
+    model, processor = load_reference(toy_models[arch])
+    records = [json.loads(line) for line in Path(manifest).read_text().splitlines()]
+    for s in range(acts.sizes["sample"]):
+        record = records[int(acts.image_index[s])]
+        inputs, outputs = run_reference(
+            model, processor, str(manifest.parent / record["image"]), str(acts.prompt_text[s].values)
+        )
+        hidden = hidden_of(outputs)
+        image = (inputs["input_ids"][0] == model.config.image_token_id).numpy()
+        for layer in range(hidden.shape[0]):
+            h = hidden[layer]
+            expected = [
+                brute_force(h[image], h[~image]),
+                brute_force(h[image], h[image], True),
+                brute_force(h[~image], h[~image], True),
+            ]
+            got = [float(ours[name][s, layer]) for name in ("inter_modal", "intra_image", "intra_text")]
+            np.testing.assert_allclose(got, expected, atol=2e-3, err_msg=f"sample {s} layer {layer}")
+
+
+def test_means_per_prompt_kind_and_table(analysis_stores):
+    tree = open_store(analysis_stores["gqa"])
+    per_sample = cosine_per_sample(tree).compute()
+    means = cosine(tree)
+    for kind in ("normal", "noisy", "empty"):
+        rows = per_sample.where(per_sample.prompt_kind == kind, drop=True)
+        np.testing.assert_allclose(
+            means.sel(prompt_kind=kind)["inter_modal"], rows["inter_modal"].mean("sample"), rtol=1e-6
+        )
+    table = cosine_table([analysis_stores["mha"], analysis_stores["gqa"]])
+    assert list(table.columns[:4]) == ["store", "model", "prompt_kind", "layer"]
+    assert len(table) == 2 * 3 * tree["activations"].sizes["layer"]
+
+
+def test_dask_cluster_equals_serial(analysis_stores, dask_cluster):
+    tree = open_store(analysis_stores["mha"])
+    with dask.config.set(scheduler=dask_cluster), get_task_stream(dask_cluster) as stream:
+        on_cluster = cosine_per_sample(tree).compute()
+    assert len(stream.data) > 0  # the workers did the work
+    with dask.config.set(scheduler="synchronous"):
+        serial = cosine_per_sample(tree).compute()
+    np.testing.assert_array_equal(on_cluster["inter_modal"].values, serial["inter_modal"].values)

@@ -1,0 +1,102 @@
+"""Logit lens equals the model's own lm_head(norm(h)); caching; Dask equals serial."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+import torch
+from distributed import get_task_stream
+
+from tests.helpers import load_reference, run_reference
+from vislens.analyze.logit_lens import CACHE_NAME, cached_topk, logit_lens, logit_lens_per_sample, logit_lens_topk
+from vislens.store import open_store
+
+
+@pytest.mark.parametrize("arch", ["mha", "gqa"])
+def test_top1_equals_argmax_of_the_models_own_lm_head(analysis_stores, toy_models, manifest, arch):
+    """Two references: the model's own norm and lm_head applied (a) to the stored fp16 states,
+    where every position must agree, and (b) to the model's own fp32 states, where every position
+    whose top-2 margin exceeds what fp16 rounding of h can move must agree."""
+    tree = open_store(analysis_stores[arch])
+    top = logit_lens_topk(tree, k=1).compute()
+    acts = tree["activations"].to_dataset()
+    model, processor = load_reference(toy_models[arch])
+    records = [json.loads(line) for line in Path(manifest).read_text().splitlines()]
+    norm, head = model.model.language_model.norm, model.lm_head
+    w_norm = head.weight.norm(dim=-1).max()
+    compared = total = 0
+    for s in range(acts.sizes["sample"]):
+        record = records[int(acts.image_index[s])]
+        inputs, outputs = run_reference(
+            model, processor, str(manifest.parent / record["image"]), str(acts.prompt_text[s].values)
+        )
+        image = (inputs["input_ids"][0] == model.config.image_token_id).numpy()
+        padded = np.zeros(top.sizes["token"], dtype=bool)
+        padded[: image.size] = image
+        states = outputs.hidden_states
+        stored = torch.from_numpy(acts.hidden[s].values[:, padded].astype(np.float32))
+        with torch.no_grad():
+            for layer, h in enumerate(states):
+                last = layer == len(states) - 1  # the last state is already normed
+                ours = torch.from_numpy(top[s, layer].values[padded, 0].astype(np.int64))
+                on_stored = head(stored[layer] if last else norm(stored[layer]))
+                best = on_stored.topk(2, dim=-1)
+                exact = (best.values[:, 0] - best.values[:, 1]) > 1e-4
+                assert torch.equal(ours[exact], best.indices[exact, 0]), (s, layer)
+                x = h[0, image] if last else norm(h[0, image])
+                best = head(x).topk(2, dim=-1)
+                bound = 2 * w_norm * x.norm(dim=-1) * 2.0**-10  # logit change from fp16 rounding of h
+                clear = (best.values[:, 0] - best.values[:, 1]) > bound
+                assert torch.equal(ours[clear], best.indices[clear, 0]), (s, layer)
+                compared += int(clear.sum())
+                total += clear.numel()
+        assert (top[s].values[:, ~padded] == -1).all()
+    assert compared / total > 0.5
+
+
+def test_cache_is_written_reused_and_rescored(analysis_stores, tmp_path):
+    import shutil
+
+    path = tmp_path / "s.zarr"
+    shutil.copytree(analysis_stores["gqa"], path)
+    tree = open_store(str(path))
+    assert "results" not in tree.children or CACHE_NAME not in tree["results"].data_vars
+    first = logit_lens(tree, top_k=3)
+    reopened = open_store(str(path))
+    cached = reopened["results"][CACHE_NAME]
+    assert cached.sizes["rank"] == 3 and cached.attrs["k"] == 3
+    assert cached.attrs["source_fingerprint"] == reopened.attrs["vislens_fingerprint"]
+    # reusing the cache gives the same numbers; top-1 is scored from the cached top-3
+    again = logit_lens(reopened, top_k=3)
+    np.testing.assert_array_equal(first["precision"].values, again["precision"].values)
+    top1_cached = cached_topk(reopened, 1)
+    np.testing.assert_array_equal(top1_cached.values, logit_lens_topk(reopened, 1).compute().values)
+    # widening the top-k decodes more words: recall can only grow
+    one = logit_lens(reopened, top_k=1)
+    assert (again["recall"].values >= one["recall"].values - 1e-12).all()
+
+
+def test_dask_cluster_equals_serial(analysis_stores, dask_cluster):
+    tree = open_store(analysis_stores["mha"])
+    with dask.config.set(scheduler=dask_cluster), get_task_stream(dask_cluster) as stream:
+        on_cluster = logit_lens_per_sample(tree, top_k=2, cache=False)
+    assert len(stream.data) > 0  # the workers did the work
+    with dask.config.set(scheduler="synchronous"):
+        serial = logit_lens_per_sample(tree, top_k=2, cache=False)
+    np.testing.assert_array_equal(on_cluster["precision"].values, serial["precision"].values)
+    np.testing.assert_array_equal(on_cluster["recall"].values, serial["recall"].values)
+
+
+def test_means_per_prompt_kind(analysis_stores):
+    tree = open_store(analysis_stores["gqa"])
+    per_sample = logit_lens_per_sample(tree, cache=False)
+    means = logit_lens(tree, cache=False)
+    assert sorted(means["prompt_kind"].values) == ["empty", "noisy", "normal"]
+    for kind in ("normal", "noisy", "empty"):
+        rows = per_sample.where(per_sample.prompt_kind == kind, drop=True)
+        np.testing.assert_allclose(means.sel(prompt_kind=kind)["recall"].values, rows["recall"].mean("sample").values)
+        assert int(means.sel(prompt_kind=kind)["n_samples"]) == 6

@@ -1,0 +1,85 @@
+"""The command line: help for every command, the demo end to end, and README/CI agreement."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import xarray as xr
+
+from vislens.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMANDS = [
+    ["extract"],
+    ["analyze"],
+    ["analyze", "cosine"],
+    ["analyze", "logit-lens"],
+    ["analyze", "norm-attention"],
+    ["report"],
+    ["info"],
+    ["verify"],
+    ["demo"],
+    ["toy"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_explains_itself(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: vislens " + " ".join(command))
+    assert len(text) > 150
+
+
+def test_errors_are_one_line_without_traceback(tmp_path, capsys):
+    code = main(["info", str(tmp_path / "nothing.zarr")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("vislens info: error: no zarr v3 store") and "Traceback" not in err
+
+
+def test_demo_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("VISLENS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vislens", "demo", "--out", str(out), "--n", "4", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "12 samples written" in proc.stdout and "demo finished" in proc.stdout
+    acts = xr.open_zarr(out / "store.zarr", group="activations")
+    assert acts["hidden"].dims == ("sample", "layer", "token", "hidden")
+    table = pd.read_csv(out / "cosine.csv")
+    assert {"layer", "inter_modal", "prompt_kind"} <= set(table.columns)
+    assert sorted(table.prompt_kind.unique()) == ["empty", "noisy", "normal"]
+    assert (out / "cosine.png").stat().st_size > 10_000
+    page = (out / "report" / "index.html").read_text()
+    for figure in ("logit_lens.png", "cosine.png", "norm_attention.png"):
+        assert figure in page
+    rerun = subprocess.run(
+        [sys.executable, "-m", "vislens", "demo", "--out", str(out), "--n", "4", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert "0 samples written" in rerun.stdout and "12 already done" in rerun.stdout
+
+
+def test_readme_has_the_two_setup_commands_and_ci_runs_the_test_one():
+    readme = (ROOT / "README.md").read_text()
+    setup = readme.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"```bash\n(.*?)\n```", setup, flags=re.S)
+    assert len(commands) == 2
+    assert "vislens demo" in commands[0] and "pytest" in commands[1]
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    assert commands[1].endswith(ci[-1])  # CI runs the README's test command (after activating its venv)
+    assert "pip install torch==2.13.0" in commands[0] and "python -m pip install --quiet torch==2.13.0" in ci

@@ -1,0 +1,225 @@
+"""Analysis 1: logit lens on image tokens, scored against the captions (precision, recall).
+
+For the hidden state h of an image token at layer l: logits = norm(h) @ W_U.T with the
+decoder's final norm, except for the last layer, which the store holds already normed. The
+top-k token ids of every image token at every layer are cached in the store's ``results``
+group (``logit_lens_topk``), so re-scoring (another top-k up to the cached k, new captions) is
+cheap. Words and scores follow `vislens.analyze.words`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+
+from vislens.analyze.common import StoreLike, as_text, as_tree, compute, finished, group, label, model_name
+from vislens.analyze.words import STOPWORDS, decoded_words, precision_recall, reference_words
+from vislens.errors import DataError
+from vislens.store import IMAGE
+from vislens.store.reader import location_of
+from vislens.store.results import load_result, save_result
+
+CACHE_NAME = "logit_lens_topk"
+
+
+def apply_norm(x: torch.Tensor, kind: str, eps: float, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The decoder's final norm on float32 rows ``x`` (rows, hidden)."""
+    if kind in ("rms", "rms_offset"):
+        scale = weight + 1.0 if kind == "rms_offset" else weight
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale
+    if kind == "layer":
+        out = torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        return out
+    raise DataError(f"unknown norm kind {kind!r} in lens/norm_kind; expected rms, rms_offset or layer")
+
+
+def top_tokens(
+    x: torch.Tensor, unembedding: np.ndarray, k: int, *, vocab_block: int = 8192, row_block: int = 4096
+) -> torch.Tensor:
+    """Top-k vocabulary ids of ``x @ unembedding.T`` (rows, k), vocabulary in blocks (bounded memory)."""
+    rows = x.shape[0]
+    out = torch.empty((rows, k), dtype=torch.int64)
+    weight = torch.from_numpy(unembedding)
+    for r0 in range(0, rows, row_block):
+        chunk = x[r0 : r0 + row_block]
+        best_vals = torch.full((chunk.shape[0], k), -torch.inf)
+        best_ids = torch.zeros((chunk.shape[0], k), dtype=torch.int64)
+        for v0 in range(0, weight.shape[0], vocab_block):
+            logits = chunk @ weight[v0 : v0 + vocab_block].float().T
+            vals, ids = logits.topk(min(k, logits.shape[1]), dim=1)
+            vals = torch.cat([best_vals, vals], dim=1)
+            ids = torch.cat([best_ids, ids + v0], dim=1)
+            order = vals.topk(k, dim=1).indices
+            best_vals, best_ids = vals.gather(1, order), ids.gather(1, order)
+        out[r0 : r0 + row_block] = best_ids
+    return out
+
+
+def _block_topk(
+    hidden: np.ndarray, modality: np.ndarray, *, lens: dict[str, Any], k: int, normed_last: bool, vocab_block: int
+) -> np.ndarray:
+    """(s, layer, token, hidden) fp16 -> (s, layer, token, k) int32 top-k ids at image tokens, -1 elsewhere."""
+    s, n_layers, n_tokens, _ = hidden.shape
+    out = np.full((s, n_layers, n_tokens, k), -1, dtype=np.int32)
+    weight = torch.from_numpy(lens["norm_weight"])
+    bias = None if lens["norm_bias"] is None else torch.from_numpy(lens["norm_bias"])
+    for i in range(s):
+        positions = np.flatnonzero(modality[i] == IMAGE)
+        if positions.size == 0:
+            continue
+        x = torch.from_numpy(np.ascontiguousarray(hidden[i][:, positions])).float()  # (layer, m, hidden)
+        last = n_layers - 1 if normed_last else n_layers
+        x[:last] = apply_norm(x[:last], lens["norm_kind"], lens["norm_eps"], weight, bias)
+        ids = top_tokens(x.reshape(-1, x.shape[-1]), lens["unembedding"], k, vocab_block=vocab_block)
+        out[i][:, positions] = ids.reshape(n_layers, positions.size, k).numpy()
+    return out
+
+
+def _lens_arrays(tree: xr.DataTree) -> dict[str, Any]:
+    lens = group(tree, "lens")
+    return {
+        "unembedding": np.asarray(lens["unembedding"].values),
+        "norm_weight": np.asarray(lens["norm_weight"].values, dtype=np.float32),
+        "norm_bias": np.asarray(lens["norm_bias"].values, dtype=np.float32) if "norm_bias" in lens else None,
+        "norm_kind": str(lens.attrs["norm_kind"]),
+        "norm_eps": float(lens.attrs["norm_eps"]),
+    }
+
+
+def logit_lens_topk(
+    store: StoreLike, k: int = 1, *, vocab_block: int = 8192, samples_per_task: int = 1
+) -> xr.DataArray:
+    """Lazy (Dask) top-k ids of every image token at every layer: (sample, layer, token, rank) int32.
+
+    Only finished samples; non-image positions hold -1.
+    """
+    tree = as_tree(store)
+    acts = finished(group(tree, "activations"))
+    normed_last = bool(acts["layer"].attrs.get("final_norm_applied_to_last", 1))
+    hidden = acts["hidden"].chunk({"sample": samples_per_task, "layer": -1, "token": -1, "hidden": -1})
+    modality = acts["modality"].chunk({"sample": samples_per_task, "token": -1})
+    return xr.apply_ufunc(
+        _block_topk,
+        hidden,
+        modality,
+        input_core_dims=[["layer", "token", "hidden"], ["token"]],
+        output_core_dims=[["layer", "token", "rank"]],
+        dask="parallelized",
+        output_dtypes=[np.int32],
+        dask_gufunc_kwargs={"output_sizes": {"rank": k}},
+        kwargs={"lens": _lens_arrays(tree), "k": k, "normed_last": normed_last, "vocab_block": vocab_block},
+    ).rename("top_ids")
+
+
+def cached_topk(
+    store: StoreLike, k: int = 1, *, cache: bool = True, progress: bool = False, **kwargs: Any
+) -> xr.DataArray:
+    """Top-k ids, read from ``results/logit_lens_topk`` when a fresh one with rank >= k exists."""
+    tree = as_tree(store)
+    cached = load_result(tree, CACHE_NAME)
+    done = finished(group(tree, "activations"))["sample"].values
+    if cached is not None and cached.sizes["rank"] >= k and np.array_equal(cached["sample"].values, done):
+        return cached.isel(rank=slice(0, k)).compute()
+    top = compute(logit_lens_topk(tree, k, **kwargs), progress=progress)
+    if cache:
+        save_result(location_of(tree), CACHE_NAME, top, k=k, norm="final norm on layers < L")
+    return top
+
+
+def _block_scores(
+    top: np.ndarray,
+    modality: np.ndarray,
+    image_index: np.ndarray,
+    *,
+    vocab_text: list[str],
+    vocab_special: np.ndarray,
+    references: list[set[str]],
+) -> np.ndarray:
+    """(s, layer, token, k) ids -> (s, layer, 2) precision, recall."""
+    s, n_layers, _, k = top.shape
+    out = np.zeros((s, n_layers, 2), dtype=np.float64)
+    for i in range(s):
+        positions = np.flatnonzero(modality[i] == IMAGE)
+        reference = references[int(image_index[i])]
+        for layer in range(n_layers):
+            decoded: set[str] = set()
+            for rank in range(k):
+                decoded |= decoded_words(top[i, layer, positions, rank].tolist(), vocab_text, vocab_special)
+            out[i, layer] = precision_recall(decoded, reference)
+    return out
+
+
+def _references(tree: xr.DataTree, used: np.ndarray) -> list[set[str]]:
+    caps = group(tree, "captions")
+    texts, counts, ids = caps["text"].values, caps["n_captions"].values, caps["image_id"].values
+    refs = [reference_words(texts[i, : counts[i]]) for i in range(len(counts))]
+    for i in np.unique(used):
+        if not refs[i]:
+            raise DataError(
+                f"image {ids[i]} has no reference caption words; logit-lens scoring needs captions "
+                "(add them to the data set and re-extract, or drop the image)"
+            )
+    return refs
+
+
+def logit_lens_per_sample(
+    store: StoreLike, *, top_k: int = 1, cache: bool = True, progress: bool = False, **kwargs: Any
+) -> xr.Dataset:
+    """Precision and recall per finished sample and layer (dims sample, layer)."""
+    tree = as_tree(store)
+    acts = finished(group(tree, "activations"))
+    top = cached_topk(tree, top_k, cache=cache, progress=progress, **kwargs)
+    lens = group(tree, "lens")
+    image_index = acts["image_index"].values
+    scores = xr.apply_ufunc(
+        _block_scores,
+        top.chunk({"sample": 16}),
+        acts["modality"].chunk({"sample": 16, "token": -1}),
+        acts["image_index"].chunk({"sample": 16}),
+        input_core_dims=[["layer", "token", "rank"], ["token"], []],
+        output_core_dims=[["layer", "score"]],
+        dask="parallelized",
+        output_dtypes=[np.float64],
+        dask_gufunc_kwargs={"output_sizes": {"score": 2}},
+        kwargs={
+            "vocab_text": [str(t) for t in lens["vocab_text"].values],
+            "vocab_special": np.asarray(lens["vocab_special"].values),
+            "references": _references(tree, image_index),
+        },
+    )
+    scores = compute(scores, progress=progress)
+    out = xr.Dataset({"precision": scores.isel(score=0, drop=True), "recall": scores.isel(score=1, drop=True)})
+    out.attrs.update(top_k=top_k, stop_words=STOPWORDS)
+    return out.assign_coords(prompt_kind=as_text(acts["prompt_kind"]), image_id=as_text(acts["image_id"]))
+
+
+def logit_lens(
+    store: StoreLike, *, top_k: int = 1, cache: bool = True, progress: bool = False, **kwargs: Any
+) -> xr.Dataset:
+    """Mean precision and recall over samples, per prompt kind and layer (dims prompt_kind, layer)."""
+    per_sample = logit_lens_per_sample(store, top_k=top_k, cache=cache, progress=progress, **kwargs)
+    grouped = per_sample.drop_vars("image_id").groupby("prompt_kind")
+    means = grouped.mean("sample")
+    means["n_samples"] = per_sample["precision"].isel(layer=0).groupby("prompt_kind").count("sample")
+    means.attrs.update(per_sample.attrs)
+    return means
+
+
+def logit_lens_table(
+    stores: list[StoreLike], *, top_k: int = 1, cache: bool = True, progress: bool = False
+) -> pd.DataFrame:
+    """Long table over stores: store, model, prompt_kind, layer, precision, recall, n_samples."""
+    frames = []
+    for store in stores:
+        tree = as_tree(store)
+        frame = logit_lens(tree, top_k=top_k, cache=cache, progress=progress).to_dataframe().reset_index()
+        frame.insert(0, "model", model_name(tree))
+        frame.insert(0, "store", label(store) if isinstance(store, str) else label(tree))
+        frames.append(frame)
+    table = pd.concat(frames, ignore_index=True)
+    columns = ["store", "model", "prompt_kind", "layer", "precision", "recall", "n_samples"]
+    return table[columns].sort_values(["store", "prompt_kind", "layer"], kind="stable").reset_index(drop=True)

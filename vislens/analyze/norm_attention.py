@@ -1,0 +1,183 @@
+"""Analysis 3: norm-based attention (Kobayashi et al., 2020) from the store's attention group.
+
+NA(q, j) = |sum_h alpha^h_qj f_h(x_j)|, the head-summed norm of what query q takes from source
+token j (`vislens.kernels.norm_attention`, from ``attn`` and ``value_gram``). Layer l is the
+attention inside decoder layer l (numbered from 0).
+
+- ``image_share`` (per layer): for each text query row q, sum over image tokens j of NA(q, j)
+  divided by the sum over all j of NA(q, j); the mean over the text query rows of a sample,
+  then over samples. ``image_share_after_image`` does the same over the text queries that come
+  after the first image token only (earlier ones cannot see the image).
+- ``last_query``: NA from the last prompt token to every token (the study's heatmaps).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+
+from vislens.analyze.common import StoreLike, as_text, as_tree, compute, finished, group, label, model_name
+from vislens.errors import StoreFormatError
+from vislens.store import IMAGE, TEXT
+
+
+def _block(
+    attn: np.ndarray,
+    gram: np.ndarray,
+    query_pos: np.ndarray,
+    modality: np.ndarray,
+    n_tokens: np.ndarray,
+    *,
+    backend: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per sample of a block: image share, share after the image (layer,), last-query NA (layer, token)."""
+    from vislens.kernels import norm_attention
+
+    s, n_layers = attn.shape[:2]
+    share = np.full((s, n_layers), np.nan)
+    after = np.full((s, n_layers), np.nan)
+    last = np.zeros((s, n_layers, attn.shape[-1]), dtype=np.float32)
+    for i in range(s):
+        rows = np.flatnonzero(query_pos[i] >= 0)
+        n = int(n_tokens[i])
+        _, summed = norm_attention(
+            torch.from_numpy(attn[i][:, :, rows, :n]), torch.from_numpy(gram[i][:, :n]), backend=backend
+        )
+        summed = summed.numpy()  # (layer, q, n)
+        positions = query_pos[i][rows]
+        image = modality[i][:n] == IMAGE
+        text_rows = modality[i][positions] == TEXT
+        totals = summed.sum(-1)
+        shares = np.divide(summed[..., image].sum(-1), totals, out=np.zeros_like(totals), where=totals > 0)
+        if text_rows.any():
+            share[i] = shares[:, text_rows].mean(-1)
+        seen = text_rows & (positions > (np.argmax(image) if image.any() else n))
+        if seen.any():
+            after[i] = shares[:, seen].mean(-1)
+        is_last = np.flatnonzero(positions == n - 1)
+        if is_last.size:
+            last[i, :, :n] = summed[:, is_last[0]]
+    return share, after, last
+
+
+def norm_attention_per_sample(store: StoreLike, *, backend: str = "auto", samples_per_task: int = 2) -> xr.Dataset:
+    """Lazy per finished sample: ``image_share``, ``image_share_after_image`` (sample, layer) and
+    ``last_query`` (sample, layer, token), NaN/0 where a sample has no such query row."""
+    tree = as_tree(store)
+    acts = group(tree, "activations")
+    attention = group(tree, "attention")
+    keep = finished(acts)["sample"].values
+    acts, attention = acts.sel(sample=keep), attention.sel(sample=keep)
+    chunks = {"sample": samples_per_task}
+    share, after, last = xr.apply_ufunc(
+        _block,
+        attention["attn"].chunk(chunks | {"layer": -1, "head": -1, "query": -1, "token": -1}),
+        attention["value_gram"].chunk(chunks | {"layer": -1, "token": -1, "head": -1, "head2": -1}),
+        attention["query_pos"].chunk(chunks | {"query": -1}),
+        acts["modality"].chunk(chunks | {"token": -1}),
+        acts["n_tokens"].chunk(chunks),
+        input_core_dims=[
+            ["layer", "head", "query", "token"],
+            ["layer", "token", "head", "head2"],
+            ["query"],
+            ["token"],
+            [],
+        ],
+        output_core_dims=[["layer"], ["layer"], ["layer", "token"]],
+        dask="parallelized",
+        output_dtypes=[np.float64, np.float64, np.float32],
+        kwargs={"backend": backend},
+    )
+    out = xr.Dataset({"image_share": share, "image_share_after_image": after, "last_query": last})
+    out["layer"] = attention["layer"]
+    return out.assign_coords(prompt_kind=as_text(acts["prompt_kind"]), image_id=as_text(acts["image_id"]))
+
+
+def norm_attention(store: StoreLike, *, backend: str = "auto", progress: bool = False) -> xr.Dataset:
+    """Mean image shares over samples per prompt kind and layer (dims prompt_kind, layer)."""
+    per_sample = compute(
+        norm_attention_per_sample(store, backend=backend)[["image_share", "image_share_after_image"]], progress=progress
+    )
+    means = per_sample.drop_vars("image_id").groupby("prompt_kind").mean("sample")
+    means["n_samples"] = per_sample["image_share"].isel(layer=0).groupby("prompt_kind").count("sample")
+    return means
+
+
+def norm_attention_table(stores: list[StoreLike], *, backend: str = "auto", progress: bool = False) -> pd.DataFrame:
+    """Long table: store, model, prompt_kind, layer, image_share, image_share_after_image, n_samples."""
+    frames = []
+    for store in stores:
+        tree = as_tree(store)
+        frame = norm_attention(tree, backend=backend, progress=progress).to_dataframe().reset_index()
+        frame.insert(0, "model", model_name(tree))
+        frame.insert(0, "store", label(store) if isinstance(store, str) else label(tree))
+        frames.append(frame)
+    table = pd.concat(frames, ignore_index=True)
+    columns = ["store", "model", "prompt_kind", "layer", "image_share", "image_share_after_image", "n_samples"]
+    return table[columns].sort_values(["store", "prompt_kind", "layer"], kind="stable").reset_index(drop=True)
+
+
+def pick_samples(store: StoreLike, chosen: list[str] | None = None, n: int = 3) -> list[int]:
+    """Sample indices from ids (``image_id``, ``image_id:prompt_kind`` or a sample number); default: the first n done."""
+    acts = finished(group(as_tree(store), "activations"))
+    if not chosen:
+        return [int(s) for s in acts["sample"].values[:n]]
+    ids, kinds = as_text(acts["image_id"]).values, as_text(acts["prompt_kind"]).values
+    picked = []
+    for item in chosen:
+        if item.isdigit() and int(item) in acts["sample"].values:
+            picked.append(int(item))
+            continue
+        image, _, kind = item.partition(":")
+        hits = np.flatnonzero((ids == image) & ((kinds == kind) if kind else True))
+        if hits.size == 0:
+            raise StoreFormatError(
+                f"no finished sample for {item!r}; use an image id, image_id:prompt_kind, or a sample number"
+            )
+        picked.append(int(acts["sample"].values[hits[0]]))
+    return picked
+
+
+def last_query_heatmap(store: StoreLike, sample: int, *, backend: str = "auto") -> xr.DataArray:
+    """NA from the last prompt token to every valid token: (layer, token) for one sample."""
+    tree = as_tree(store)
+    per = norm_attention_per_sample(tree, backend=backend).sel(sample=[sample]).compute()
+    n = int(group(tree, "activations")["n_tokens"].sel(sample=sample))
+    heat = per["last_query"].isel(sample=0, token=slice(0, n))
+    return heat.assign_attrs(image_id=str(per["image_id"].values[0]), prompt_kind=str(per["prompt_kind"].values[0]))
+
+
+def top_image_tokens(store: StoreLike, samples: list[int], *, top: int = 10, backend: str = "auto") -> pd.DataFrame:
+    """The most-attended image tokens (last prompt token's NA) per sample and layer, with their
+    place in the patch grid (row, col; -1 when the grid is unknown)."""
+    tree = as_tree(store)
+    acts = group(tree, "activations")
+    per = norm_attention_per_sample(tree, backend=backend).sel(sample=samples).compute()
+    rows = []
+    for s in samples:
+        modality = acts["modality"].sel(sample=s).values
+        image_pos = np.flatnonzero(modality == IMAGE)
+        grid_rows, grid_cols = (int(v) for v in acts["image_grid"].sel(sample=s).values)
+        heat = per["last_query"].sel(sample=s).values[:, image_pos]  # (layer, image tokens)
+        for layer in range(heat.shape[0]):
+            order = np.argsort(-heat[layer], kind="stable")[:top]
+            for rank, k in enumerate(order):
+                gridded = grid_cols > 0 and grid_rows * grid_cols == image_pos.size
+                rows.append(
+                    {
+                        "store": label(tree),
+                        "sample": s,
+                        "image_id": str(acts["image_id"].sel(sample=s).values),
+                        "prompt_kind": str(acts["prompt_kind"].sel(sample=s).values),
+                        "layer": layer,
+                        "rank": rank,
+                        "image_token": int(k),
+                        "position": int(image_pos[k]),
+                        "row": int(k // grid_cols) if gridded else -1,
+                        "col": int(k % grid_cols) if gridded else -1,
+                        "norm_attention": float(heat[layer, k]),
+                    }
+                )
+    return pd.DataFrame(rows)

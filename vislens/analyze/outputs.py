@@ -1,0 +1,84 @@
+"""Each analysis as files: a CSV table and its figures in a folder (what the CLI and report call)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from vislens.analyze import figures
+from vislens.analyze.common import group, label
+from vislens.analyze.cosine import cosine_table
+from vislens.analyze.logit_lens import logit_lens_table
+from vislens.analyze.norm_attention import last_query_heatmap, norm_attention_table, pick_samples, top_image_tokens
+from vislens.store import IMAGE
+
+
+def write_cosine(trees: list[xr.DataTree], out: Path, *, backend: str = "auto") -> dict[str, Path]:
+    """``cosine.csv`` and ``cosine.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = cosine_table(trees, backend=backend)
+    table.to_csv(out / "cosine.csv", index=False)
+    return {"cosine.csv": out / "cosine.csv", "cosine.png": figures.plot_cosine(table, out / "cosine.png")}
+
+
+def write_logit_lens(
+    trees: list[xr.DataTree], out: Path, *, top_k: int = 1, cache: bool = True, progress: bool = False
+) -> dict[str, Path]:
+    """``logit_lens.csv`` and ``logit_lens.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = logit_lens_table(trees, top_k=top_k, cache=cache, progress=progress)
+    table.to_csv(out / "logit_lens.csv", index=False)
+    return {
+        "logit_lens.csv": out / "logit_lens.csv",
+        "logit_lens.png": figures.plot_logit_lens(table, out / "logit_lens.png"),
+    }
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "store"
+
+
+def write_norm_attention(
+    trees: list[xr.DataTree],
+    out: Path,
+    *,
+    samples: list[str] | None = None,
+    top: int = 10,
+    backend: str = "auto",
+    progress: bool = False,
+) -> dict[str, Path]:
+    """``norm_attention.csv`` (image share per layer), its figure, and per chosen sample a
+    layers x tokens heatmap, a patch-grid map (last layer) and ``top_image_tokens.csv``."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = norm_attention_table(trees, backend=backend, progress=progress)
+    table.to_csv(out / "norm_attention.csv", index=False)
+    written = {
+        "norm_attention.csv": out / "norm_attention.csv",
+        "norm_attention.png": figures.plot_image_share(table, out / "norm_attention.png"),
+    }
+    tops = []
+    for tree in trees:
+        stem = _slug(Path(label(tree).rstrip("/")).name)
+        acts = group(tree, "activations")
+        chosen = pick_samples(tree, samples)
+        top_table = top_image_tokens(tree, chosen, top=top, backend=backend)
+        tops.append(top_table)
+        for s in chosen:
+            heat = last_query_heatmap(tree, s, backend=backend)
+            image_pos = np.flatnonzero(acts["modality"].sel(sample=s).values == IMAGE)
+            span = (int(image_pos[0]), int(image_pos[-1]) + 1) if image_pos.size else None
+            title = f"{Path(label(tree)).name}: {heat.attrs['image_id']} ({heat.attrs['prompt_kind']} prompt)"
+            name = f"heatmap_{stem}_{s}.png"
+            written[name] = figures.plot_heatmap(heat.values, out / name, title=title, image_span=span)
+            rows, cols = (int(v) for v in acts["image_grid"].sel(sample=s).values)
+            if rows * cols == image_pos.size and image_pos.size:
+                grid = heat.values[-1, image_pos].reshape(rows, cols)
+                name = f"grid_{stem}_{s}.png"
+                written[name] = figures.plot_grid(grid, out / name, title=f"{title}\nlast layer, image tokens")
+    pd.concat(tops, ignore_index=True).to_csv(out / "top_image_tokens.csv", index=False)
+    written["top_image_tokens.csv"] = out / "top_image_tokens.csv"
+    return written

@@ -1,0 +1,146 @@
+"""``vislens report``: every analysis of one or more stores on one HTML page."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import xarray as xr
+
+import vislens
+from vislens.analyze.common import label
+
+Section = tuple[str, str, dict[str, Path]]
+"""(title, explanation, files written)."""
+
+
+def _stores_table(trees: list[xr.DataTree]) -> pd.DataFrame:
+    rows = []
+    for tree in trees:
+        model, data, prompts = tree.attrs.get("model", {}), tree.attrs.get("dataset", {}), tree.attrs.get("prompts", {})
+        acts = tree["activations"] if "activations" in tree.children else None
+        done = int((acts["done"].values == 1).sum()) if acts is not None else 0
+        rows.append(
+            {
+                "store": label(tree),
+                "model": model.get("name_or_path", ""),
+                "architecture": f"{model.get('architecture', '')} ({model.get('n_layers', '?')} layers, "
+                f"{model.get('n_heads', '?')} heads / {model.get('n_kv_heads', '?')} kv)",
+                "data set": f"{data.get('name', '')} {data.get('split', '')} ({data.get('n_images', '?')} images)",
+                "prompt kinds": ", ".join(prompts.get("kinds", [])),
+                "samples done": done,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _wide(table: pd.DataFrame, value: str) -> pd.DataFrame:
+    """layer x (store, prompt kind) for reading a curve at a glance."""
+    frame = table.copy()
+    frame["series"] = frame["store"].map(lambda s: Path(s.rstrip("/")).name) + " · " + frame["prompt_kind"]
+    return frame.pivot_table(index="layer", columns="series", values=value).round(4)
+
+
+def _section_html(title: str, text: str, files: dict[str, Path], out: Path) -> str:
+    parts = [f"<section><h2>{html.escape(title)}</h2><p>{html.escape(text)}</p>"]
+    for name, path in files.items():
+        rel = path.relative_to(out) if path.is_relative_to(out) else path
+        if name.endswith(".png"):
+            parts.append(
+                f'<figure><img src="{html.escape(str(rel))}" alt="{html.escape(name)}"><figcaption>{html.escape(name)}</figcaption></figure>'
+            )
+    for name, path in files.items():
+        if name.endswith(".csv"):
+            table = pd.read_csv(path)
+            value = next((c for c in ("recall", "inter_modal", "image_share", "mean_loss") if c in table.columns), None)
+            shown = (
+                _wide(table, value)
+                if value and {"layer", "prompt_kind", "store"} <= set(table.columns)
+                else table.head(40)
+            )
+            caption = f"{name}: {value} by layer" if shown is not table else f"{name} (first rows)"
+            parts.append(
+                f'<details open><summary>{html.escape(caption)} · <a href="{html.escape(str(path.relative_to(out)))}">csv</a>'
+                f"</summary>{shown.to_html(border=0, classes='table')}</details>"
+            )
+    return "\n".join(parts) + "</section>"
+
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1150px;color:#222}
+img{max-width:100%;border:1px solid #ddd} figure{margin:1rem 0}
+table.table{border-collapse:collapse;font-size:12px} .table td,.table th{padding:2px 6px;border-bottom:1px solid #eee}
+section{margin-bottom:2.5rem} details{margin:.5rem 0}
+"""
+
+
+def write_report(
+    trees: list[xr.DataTree],
+    out: Path,
+    *,
+    top_k: int = 1,
+    samples: list[str] | None = None,
+    backend: str = "auto",
+    progress: bool = False,
+) -> Path:
+    """Run every analysis the stores support into ``out`` and write ``out/index.html``."""
+    from vislens.analyze.outputs import write_cosine, write_logit_lens, write_norm_attention
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with_acts = [t for t in trees if "activations" in t.children]
+    plan: list[tuple[str, str, Callable[[], dict[str, Path]], list]] = [
+        (
+            "Logit lens on image tokens (figures 3.1, 3.2)",
+            f"Precision and recall of the words decoded from image tokens (top-{top_k}, final norm applied) against the "
+            "reference captions, per layer and prompt kind.",
+            lambda: write_logit_lens(with_acts, out / "logit_lens", top_k=top_k, progress=progress),
+            with_acts,
+        ),
+        (
+            "Inter-modal cosine similarity (figures 4.1 to 4.4)",
+            "Mean cosine similarity between image-token and text-token hidden states per layer (and within each modality), "
+            "per store (e.g. 7B vs 13B) and prompt kind.",
+            lambda: write_cosine(with_acts, out / "cosine", backend=backend),
+            with_acts,
+        ),
+    ]
+    with_attn = [t for t in with_acts if "attention" in t.children]
+    plan.append(
+        (
+            "Norm-based attention (figure 4.5)",
+            "Share of the text queries' norm-based attention that lands on image tokens per layer; heatmaps of the last "
+            "prompt token's norm-based attention (layers x tokens) and the most-attended image tokens in the patch grid.",
+            lambda: write_norm_attention(
+                with_attn, out / "norm_attention", samples=samples, backend=backend, progress=progress
+            ),
+            with_attn,
+        )
+    )
+    ablation = [t for t in trees if "ablation" in t.children]
+    if ablation:
+        from vislens.analyze.ablation import write_ablation
+
+        plan.append(
+            (
+                "Image-token ablations (figures 4.6, 4.7)",
+                "Caption loss against the number of image tokens kept (with the study's threshold), and per masked "
+                "image token or interval.",
+                lambda: write_ablation(ablation, out / "ablation"),
+                ablation,
+            )
+        )
+    sections: list[Section] = [(title, text, run()) for title, text, run, needed in plan if needed]
+    body = "\n".join(_section_html(t, x, f, out) for t, x, f in sections)
+    stores = _stores_table(trees).to_html(index=False, border=0, classes="table")
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>vislens report</title><style>{STYLE}</style></head>"
+        f"<body><h1>vislens report</h1><p>vislens {vislens.__version__}, {stamp}</p><h2>Stores</h2>{stores}\n{body}</body></html>"
+    )
+    index = out / "index.html"
+    index.write_text(page, encoding="utf-8")
+    return index
