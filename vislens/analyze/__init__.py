@@ -7,6 +7,7 @@ active scheduler (threads, or a `distributed` cluster), and returns xarray objec
 
 from __future__ import annotations
 
+from vislens.analyze.ablation import masking_table, reduction_curve, threshold, tokens_for_reduction, truncation_curve
 from vislens.analyze.cosine import cosine, cosine_per_sample, cosine_table
 from vislens.analyze.logit_lens import logit_lens, logit_lens_per_sample, logit_lens_table, logit_lens_topk
 from vislens.analyze.norm_attention import (
@@ -18,6 +19,11 @@ from vislens.analyze.norm_attention import (
 )
 
 __all__ = [
+    "masking_table",
+    "reduction_curve",
+    "threshold",
+    "tokens_for_reduction",
+    "truncation_curve",
     "cosine",
     "cosine_per_sample",
     "cosine_table",

@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from vislens.cli import analyze, demo, extract, store
+from vislens.cli import ablate, analyze, demo, extract, store
 from vislens.errors import VislensError
 
 DESCRIPTION = """\
@@ -19,6 +19,7 @@ vislens: extract the internals of a vision LLM once, analyse them many times.
   vislens extract --model M --data D --out STORE
   vislens analyze cosine|logit-lens|norm-attention STORE... --out DIR
   vislens report STORE... --out DIR  every analysis on one HTML page
+  vislens ablate --model M --data D --out STORE --mode truncate|mask
   vislens info STORE / vislens verify STORE
 
 Stores are Zarr v3 folders (or s3://, memory://, https:// URLs) readable with xarray.
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (
         extract.add_extract,
+        ablate.add_ablate,
         analyze.add_analyze,
         analyze.add_report,
         store.add_info,

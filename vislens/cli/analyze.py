@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vislens.cli.ablate import add_ablation_analysis
 from vislens.cli.common import dask_context, storage_options
 
 BACKENDS = ["auto", "numba", "torch", "triton"]
@@ -65,6 +66,7 @@ def add_analyze(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     na.add_argument("--top", type=int, default=10, help="most-attended image tokens listed per layer")
     na.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend")
     na.set_defaults(func=_cmd_norm_attention)
+    add_ablation_analysis(asub)
     return asub
 
 

@@ -8,6 +8,7 @@ placeholders expanded by the processor into ``input_ids``).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -208,3 +209,74 @@ class Adapter:
         special = np.ones(size, dtype=bool)
         special[:n] = [i in special_ids for i in range(n)]
         return texts, special
+
+    # ---- ablation: running image prefixes ----
+    # What `vislens.ablate` needs to run the language decoder on input embeddings with a cache.
+    # LLaVA-shaped defaults; InstructBLIP (query tokens before BOS) overrides `ablation_embeddings`,
+    # Qwen2-VL (multimodal rotary positions) overrides `ablation_position_ids`.
+    def ablation_texts(self, prompt: str, caption: str) -> tuple[str, str]:
+        """(context, full text): the prompt in the chat template, and it followed by the caption.
+
+        The caption tokens are the tokens of ``full`` beyond those of ``context``; nothing
+        follows the caption (no end-of-sequence token).
+        """
+        context = self.format_prompt(prompt)
+        return context, f"{context} {caption.strip()}"
+
+    def ablation_embeddings(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(batch, token, hidden) decoder input embeddings with the image features in place.
+
+        ``inputs`` are `encode` outputs; this is what the model's own forward feeds its decoder.
+        """
+        base = self.model.model
+        embeds = base.get_input_embeddings()(inputs["input_ids"])
+        extra = {k: inputs[k] for k in ("image_sizes",) if k in inputs}
+        features = base.get_image_features(pixel_values=inputs["pixel_values"], **extra).pooler_output
+        features = torch.cat(list(features), dim=0).to(embeds.device, embeds.dtype)
+        mask = self.image_mask(inputs).to(embeds.device)
+        if int(mask.sum()) != features.shape[0]:
+            raise ModelError(
+                f"{int(mask.sum())} image placeholders but {features.shape[0]} image features; the prompt or processor is wrong"
+            )
+        return embeds.masked_scatter(mask[..., None], features)
+
+    def ablation_position_ids(self, starts: torch.Tensor, length: int) -> torch.Tensor:
+        """(batch, length) rotary positions of ``length`` consecutive tokens from each ``starts[b]``."""
+        return starts[:, None] + torch.arange(length, device=starts.device)[None, :]
+
+    def ablation_cache(self, keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Any:
+        """A transformers `DynamicCache`, empty or holding (batch, kv_heads, token, head_dim) keys and values per layer."""
+        from transformers import DynamicCache
+
+        return DynamicCache(ddp_cache_data=keys_values, config=self.text_config)
+
+    def ablation_cache_tensors(self, cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values per decoder layer of a filled cache, (batch, kv_heads, token, head_dim) each."""
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    def ablation_decode(
+        self,
+        embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: Any = None,
+    ) -> torch.Tensor:
+        """Run the language decoder on ``embeds`` (batch, token, hidden); the final-normed last hidden states.
+
+        ``attention_mask`` is a 2D padding mask (batch, cached + token), a 4D additive float mask
+        (batch, 1, token, cached + token) used as is, or None (causal); ``cache`` (from
+        `ablation_cache`) is extended in place with the new keys and values.
+        """
+        name = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
+        out = self.decoder(
+            inputs_embeds=embeds,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            use_cache=cache is not None,
+            **{name: cache},
+        )
+        return out.last_hidden_state
+
+    def ablation_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., vocab) next-token logits of final-normed hidden states (..., hidden)."""
+        return self.model.get_output_embeddings()(hidden)
