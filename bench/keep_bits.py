@@ -29,8 +29,17 @@ BITS = (None, 7, 5, 3)
 
 def _store(root: Path, bits: int | None, n_images: int) -> str:
     out = str(root / f"bits-{bits or 10}.zarr")
-    extract(ExtractConfig(model=str(toy_model_path()), data=f"synthetic:{n_images}", out=out, keep_bits=bits,
-                          prompts=("normal", "noisy", "empty"), batch_size=8, progress=False))
+    extract(
+        ExtractConfig(
+            model=str(toy_model_path()),
+            data=f"synthetic:{n_images}",
+            out=out,
+            keep_bits=bits,
+            prompts=("normal", "noisy", "empty"),
+            batch_size=8,
+            progress=False,
+        )
+    )
     return out
 
 
@@ -45,8 +54,10 @@ def main() -> None:
         base_size = next(v.stored_bytes for v in info(stores[None])["variables"] if v.path == "activations/hidden")
         base_cos, base_top = cosine(base), logit_lens_topk(base, 1).compute().values
         base_ll, base_na = logit_lens(base, cache=False), norm_attention(base)
-        print(f"{'keep bits':>9} {'size':>6} {'max rel err':>11} {'cosine diff':>11} {'top-1 agree':>11} "
-              f"{'P/R diff':>9} {'NA share diff':>13}")
+        print(
+            f"{'keep bits':>9} {'size':>6} {'max rel err':>11} {'cosine diff':>11} {'top-1 agree':>11} "
+            f"{'P/R diff':>9} {'NA share diff':>13}"
+        )
         for bits in BITS:
             tree = open_store(stores[bits])
             h = tree["activations"]["hidden"].values.astype(np.float32)
@@ -58,14 +69,27 @@ def main() -> None:
             image = base_top >= 0
             agree = float((top[image] == base_top[image]).mean())
             ll = logit_lens(tree, cache=False)
-            pr_diff = float(max(np.abs(ll["precision"] - base_ll["precision"]).max(), np.abs(ll["recall"] - base_ll["recall"]).max()))
+            pr_diff = float(
+                max(
+                    np.abs(ll["precision"] - base_ll["precision"]).max(), np.abs(ll["recall"] - base_ll["recall"]).max()
+                )
+            )
             na_diff = float(np.abs(norm_attention(tree)["image_share"] - base_na["image_share"]).max())
-            values = {"size vs lossless": (size / base_size, "ratio"), "hidden max relative error": (err, "1"),
-                      "cosine max abs diff": (cos_diff, "1"), "logit-lens top-1 agreement": (agree, "fraction"),
-                      "precision/recall max abs diff": (pr_diff, "1"), "norm-attention share max abs diff": (na_diff, "1")}
+            values = {
+                "size vs lossless": (size / base_size, "ratio"),
+                "hidden max relative error": (err, "1"),
+                "cosine max abs diff": (cos_diff, "1"),
+                "logit-lens top-1 agreement": (agree, "fraction"),
+                "precision/recall max abs diff": (pr_diff, "1"),
+                "norm-attention share max abs diff": (na_diff, "1"),
+            }
             for metric, (value, unit) in values.items():
-                rows.append(Row("keep_bits", str(bits or 10), metric, unit, shape, value, value, value, machine(), version()))
-            print(f"{bits or 10:>9} {size / base_size:>6.3f} {err:>11.2e} {cos_diff:>11.2e} {agree:>11.4f} {pr_diff:>9.4f} {na_diff:>13.2e}")
+                rows.append(
+                    Row("keep_bits", str(bits or 10), metric, unit, shape, value, value, value, machine(), version())
+                )
+            print(
+                f"{bits or 10:>9} {size / base_size:>6.3f} {err:>11.2e} {cos_diff:>11.2e} {agree:>11.4f} {pr_diff:>9.4f} {na_diff:>13.2e}"
+            )
     path = write_json("keep_bits", rows, [f"{shape}; attention arrays are never rounded"], args.out)
     print(f"wrote {path}")
 
