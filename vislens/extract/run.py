@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 import vislens
@@ -256,6 +257,17 @@ def _run_batch(
     return results
 
 
+def _load_images(batch: list[Sample]) -> list[Image.Image | ImageError]:
+    """Decode a batch's images; an unreadable one is returned as its error."""
+    out: list[Image.Image | ImageError] = []
+    for sample in batch:
+        try:
+            out.append(load_image(sample.record.image))
+        except ImageError as exc:
+            out.append(exc)
+    return out
+
+
 def extract(config: ExtractConfig, *, loaded: LoadedModel | None = None) -> ExtractResult:
     """Run (or resume) an extraction into ``config.out``.
 
@@ -283,29 +295,37 @@ def extract(config: ExtractConfig, *, loaded: LoadedModel | None = None) -> Extr
     owned = len(shard_blocks(len(plan), spec.layout.block, config.shard))
     result = ExtractResult(location.url, len(plan), already_done=owned - len(todo))
     background = _BackgroundWriter(writer)
-    q_capacity = spec.layout.n_query
+    batches = [
+        [plan[i] for i in todo[first : first + config.batch_size]] for first in range(0, len(todo), config.batch_size)
+    ]
+    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vislens-images")
     try:
+        upcoming = loader.submit(_load_images, batches[0]) if batches else None
         with tqdm(total=len(todo), desc="extract", unit="sample", disable=not config.progress) as bar:
-            for first in range(0, len(todo), config.batch_size):
-                batch = [plan[i] for i in todo[first : first + config.batch_size]]
+            for number, batch in enumerate(batches):
+                loaded_images = upcoming.result()
+                if number + 1 < len(batches):  # decode the next batch while the model runs this one
+                    upcoming = loader.submit(_load_images, batches[number + 1])
                 ready, images = [], []
-                for sample in batch:
-                    try:
-                        images.append(load_image(sample.record.image))
-                        ready.append(sample)
-                    except ImageError as exc:
+                for sample, image in zip(batch, loaded_images, strict=True):
+                    if isinstance(image, ImageError):
                         if config.strict:
-                            raise
-                        result.skipped[sample.record.id] = str(exc)
+                            raise image
+                        result.skipped[sample.record.id] = str(image)
                         background.submit(writer.mark_skipped, sample.index)
+                    else:
+                        ready.append(sample)
+                        images.append(image)
                 if ready:
-                    for sample, arrays in zip(ready, _run_batch(loaded, config, ready, images, q_capacity)):
+                    for sample, arrays in zip(ready, _run_batch(loaded, config, ready, images, spec.layout.n_query)):
                         background.submit(writer.write_sample, sample.index, arrays)
                         result.written += 1
                 bar.update(len(batch))
     except BaseException:
         background.close(quiet=True)  # the first error is the one to report
         raise
+    finally:
+        loader.shutdown(wait=True, cancel_futures=True)
     background.close()
     result.seconds = time.perf_counter() - start
     if result.skipped:
