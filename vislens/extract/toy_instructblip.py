@@ -1,0 +1,161 @@
+"""A tiny, random-init InstructBLIP (Vicuna-style) checkpoint for tests and trials.
+
+Built from configs (no downloads): a tiny vision tower, a tiny Q-Former with a few query
+tokens, a Llama decoder, the toy LLaVA's BPE tokenizer for the language model and an offline
+BERT-style WordPiece tokenizer for the Q-Former, wrapped in a real `InstructBlipProcessor`.
+Saved with ``save_pretrained``, it loads through the same ``from_pretrained(path)`` path as
+``Salesforce/instructblip-vicuna-7b``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from vislens.extract.datasets.synthetic import caption_corpus
+from vislens.extract.toy_model import build_toy_tokenizer
+
+QFORMER_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+@dataclass(frozen=True)
+class ToyInstructBlipSpec:
+    """Sizes of a toy InstructBLIP; ``query_tokens`` is the number of image tokens per image."""
+
+    layers: int = 3
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 128
+    vocab: int = 512
+    image_size: int = 30
+    patch_size: int = 6
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    qformer_hidden: int = 32
+    qformer_layers: int = 2
+    qformer_vocab: int = 256
+    query_tokens: int = 8
+    seed: int = 0
+
+
+def _lm_tokenizer(vocab_size: int):
+    """The toy BPE tokenizer without an ``image_token`` attribute, as Vicuna's tokenizer ships.
+
+    `InstructBlipProcessor` then registers ``<image>`` (already in the vocabulary) itself.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    trained = build_toy_tokenizer(vocab_size)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=trained.backend_tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="right",
+    )
+
+
+def build_qformer_tokenizer(vocab_size: int):
+    """Train a lowercasing BERT-style WordPiece tokenizer (``[CLS] text [SEP]``) on the captions and prompts."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from vislens.extract.prompts import normal_prompts
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    corpus = caption_corpus() + [p.text for p in normal_prompts()]
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=QFORMER_SPECIAL_TOKENS, show_progress=False
+    )
+    tok.train_from_iterator(corpus * 4, trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        padding_side="right",
+    )
+
+
+def build_toy_instructblip(path: Path, spec: ToyInstructBlipSpec = ToyInstructBlipSpec()) -> Path:
+    """Write a tiny InstructBLIP checkpoint (model, both tokenizers, processor) to ``path``."""
+    import torch
+    from transformers import (
+        BlipImageProcessor,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+        InstructBlipProcessor,
+        InstructBlipQFormerConfig,
+        InstructBlipVisionConfig,
+        LlamaConfig,
+    )
+
+    tokenizer = _lm_tokenizer(spec.vocab)
+    qformer_tokenizer = build_qformer_tokenizer(spec.qformer_vocab)
+    vision = InstructBlipVisionConfig(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=2 * spec.vision_hidden,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=4,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        initializer_range=0.02,
+    )
+    qformer = InstructBlipQFormerConfig(
+        vocab_size=len(qformer_tokenizer),
+        hidden_size=spec.qformer_hidden,
+        num_hidden_layers=spec.qformer_layers,
+        num_attention_heads=4,
+        intermediate_size=2 * spec.qformer_hidden,
+        max_position_embeddings=128,
+        pad_token_id=qformer_tokenizer.pad_token_id,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = InstructBlipConfig(
+        vision_config=vision,
+        qformer_config=qformer,
+        text_config=text,
+        num_query_tokens=spec.query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(spec.seed)
+    model = InstructBlipForConditionalGeneration(config).eval()
+    with torch.no_grad():  # transformers initialises the query tokens to zeros: all image tokens would be equal
+        model.query_tokens.normal_(std=config.initializer_range)
+    image_processor = BlipImageProcessor(size={"height": spec.image_size, "width": spec.image_size})
+    processor = InstructBlipProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        qformer_tokenizer=qformer_tokenizer,
+        num_query_tokens=spec.query_tokens,
+    )
+    path = Path(path)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    (path / "vislens_toy.json").write_text(json.dumps({"family": "instructblip", **asdict(spec)}))
+    return path
