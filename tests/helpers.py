@@ -18,8 +18,8 @@ def load_reference(model_path: Path):
 
 
 def chat_text(processor, prompt: str) -> str:
-    """The prompt in the chat template, as a user of transformers would write it."""
-    if "<image>" in prompt:
+    """The prompt in the chat template (if the processor has one), as a user of transformers would write it."""
+    if "<image>" in prompt or not getattr(processor, "chat_template", None):
         return prompt
     content = [{"type": "image"}] + ([{"type": "text", "text": prompt}] if prompt else [])
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
@@ -34,6 +34,48 @@ def run_reference(model, processor, image_path: str, prompt: str, **kwargs):
     return inputs, outputs
 
 
+def decoder_of(model):
+    """The language decoder (``layers``, ``norm``) at the path transformers 5.x gives it."""
+    if model.config.model_type == "instructblip":
+        return model.language_model.model
+    if model.config.model_type == "idefics3":
+        return model.model.text_model
+    return model.model.language_model
+
+
+def lm_outputs(outputs):
+    """The language model's outputs: InstructBLIP nests them under ``language_model_outputs``."""
+    nested = getattr(outputs, "language_model_outputs", None)
+    return outputs if nested is None else nested
+
+
 def hidden_of(outputs) -> np.ndarray:
     """(layer, token, hidden) float32 of a batch of one."""
-    return torch.stack(outputs.hidden_states)[:, 0].float().numpy()
+    return torch.stack(lm_outputs(outputs).hidden_states)[:, 0].float().numpy()
+
+
+def assert_top1_matches(ours: torch.Tensor, stored: torch.Tensor, states: torch.Tensor, norm, head) -> tuple[int, int]:
+    """Check logit-lens top-1 ids against the model's own ``head(norm(h))`` (last layer: ``head(h)``, already normed).
+
+    ``ours`` (layer, token) int64; ``stored`` (layer, token, hidden) the stored fp16 states as float32;
+    ``states`` (layer, token, hidden) the model's own fp32 states. Two references: (a) on ``stored``
+    every position must agree unless its top-2 margin is a tie (1e-4); (b) on ``states`` every
+    position whose top-2 margin exceeds what fp16 rounding of h can move must agree.
+    Returns (positions compared in (b), positions).
+    """
+    w_norm = head.weight.norm(dim=-1).max()
+    compared = total = 0
+    with torch.no_grad():
+        for layer in range(len(states)):
+            last = layer == len(states) - 1
+            best = head(stored[layer] if last else norm(stored[layer])).topk(2, dim=-1)
+            exact = (best.values[:, 0] - best.values[:, 1]) > 1e-4
+            assert torch.equal(ours[layer][exact], best.indices[exact, 0]), layer
+            x = states[layer] if last else norm(states[layer])
+            best = head(x).topk(2, dim=-1)
+            bound = 2 * w_norm * x.norm(dim=-1) * 2.0**-10  # logit change from fp16 rounding of h
+            clear = (best.values[:, 0] - best.values[:, 1]) > bound
+            assert torch.equal(ours[layer][clear], best.indices[clear, 0]), layer
+            compared += int(clear.sum())
+            total += clear.numel()
+    return compared, total

@@ -47,16 +47,22 @@ def hf_token_losses(model, processor, image_path: str, context: str, text: str, 
 
     ``remove``: the removed image positions are left out of ``inputs_embeds``; ``block``: the full
     input with ``attention_mask`` 0 on them. Each setting's mean is checked against the model's own
-    ``labels`` loss.
+    ``labels`` loss. InstructBLIP: the Q-Former reads the prompt alone; its language model is run.
     """
     image = Image.open(image_path).convert("RGB")
     full = processor(images=[image], text=[text], return_tensors="pt")
-    n_context = processor(images=[image], text=[context], return_tensors="pt")["input_ids"].shape[1]
+    prompt = processor(images=[image], text=[context], return_tensors="pt")
+    n_context = prompt["input_ids"].shape[1]
     ids = full["input_ids"][0]
     image_pos = torch.nonzero(ids == model.config.image_token_id).flatten()
     rows = []
     with torch.no_grad():
-        features = model.model.get_image_features(pixel_values=full["pixel_values"]).pooler_output[0]
+        if model.config.model_type == "instructblip":
+            qformer = {k: prompt[k] for k in ("qformer_input_ids", "qformer_attention_mask")}
+            features = model.get_image_features(pixel_values=full["pixel_values"], **qformer).pooler_output[0]
+            model = model.language_model
+        else:
+            features = model.model.get_image_features(pixel_values=full["pixel_values"]).pooler_output[0]
         embeds = model.get_input_embeddings()(ids).clone()
         embeds[image_pos] = features
         for s, e in zip(start, stop):

@@ -116,3 +116,15 @@ def test_image_first_inputs_work_with_an_empty_cache(loaded, manifest, style):
     shared = _run(shared_prefix_losses, adapter, first, settings, style, batch_size=2)
     np.testing.assert_allclose(shared, _run(naive_losses, adapter, first, settings, style), **LOSS_TOL)
     assert np.isfinite(shared).all()
+
+
+def test_removed_spans_cover_the_text_between_image_tokens():
+    """Idefics3's image tokens come in runs separated by tile markers: a span runs from image token
+    s through image token e - 1, markers inside included; an empty interval removes nothing."""
+    pair = PairInput(torch.zeros(10, 4), np.arange(10), 2, 4, 8, image_positions=np.array([2, 3, 5, 6]))
+    assert pair.prefix_len == 7
+    first, end = pair.removed_span(np.array([0, 1, 2, 3, 4, 2]), np.array([4, 3, 3, 4, 4, 2]))
+    np.testing.assert_array_equal(first, [2, 3, 5, 6, 7, 5])
+    np.testing.assert_array_equal(end, [7, 6, 6, 7, 7, 5])
+    with pytest.raises(ModelError, match="do not start at 1"):
+        PairInput(torch.zeros(10, 4), np.arange(10), 1, 4, 8, image_positions=np.array([2, 3, 5, 6]))

@@ -55,3 +55,13 @@ def test_default_settings_cover_every_k_and_every_token():
 def test_bad_settings_are_refused_with_the_fix(make, message):
     with pytest.raises(ConfigError, match=message):
         make()
+
+
+def test_inputs_with_fewer_image_tokens_run_the_settings_that_fit():
+    fits, start, stop = truncation_settings(6).for_input(4)
+    np.testing.assert_array_equal(fits, [1, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(start, [1, 2, 3, 4])
+    np.testing.assert_array_equal(stop, [4, 4, 4, 4])  # truncation removes [k, n) of this input
+    fits, start, stop = masking_settings(6, ((0, 2), (3, 5), (4, 6))).for_input(5)
+    np.testing.assert_array_equal(fits, [1, 1, 0])
+    np.testing.assert_array_equal(np.stack([start, stop]), [[0, 3], [2, 5]])

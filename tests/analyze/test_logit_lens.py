@@ -11,7 +11,7 @@ import pytest
 import torch
 from distributed import get_task_stream
 
-from tests.helpers import load_reference, run_reference
+from tests.helpers import assert_top1_matches, decoder_of, hidden_of, load_reference, run_reference
 from vislens.analyze.logit_lens import CACHE_NAME, cached_topk, logit_lens, logit_lens_per_sample, logit_lens_topk
 from vislens.store import open_store
 
@@ -26,8 +26,7 @@ def test_top1_equals_argmax_of_the_models_own_lm_head(analysis_stores, toy_model
     acts = tree["activations"].to_dataset()
     model, processor = load_reference(toy_models[arch])
     records = [json.loads(line) for line in Path(manifest).read_text().splitlines()]
-    norm, head = model.model.language_model.norm, model.lm_head
-    w_norm = head.weight.norm(dim=-1).max()
+    norm, head = decoder_of(model).norm, model.get_output_embeddings()
     compared = total = 0
     for s in range(acts.sizes["sample"]):
         record = records[int(acts.image_index[s])]
@@ -37,23 +36,11 @@ def test_top1_equals_argmax_of_the_models_own_lm_head(analysis_stores, toy_model
         image = (inputs["input_ids"][0] == model.config.image_token_id).numpy()
         padded = np.zeros(top.sizes["token"], dtype=bool)
         padded[: image.size] = image
-        states = outputs.hidden_states
+        ours = torch.from_numpy(top[s].values[:, padded, 0].astype(np.int64))
         stored = torch.from_numpy(acts.hidden[s].values[:, padded].astype(np.float32))
-        with torch.no_grad():
-            for layer, h in enumerate(states):
-                last = layer == len(states) - 1  # the last state is already normed
-                ours = torch.from_numpy(top[s, layer].values[padded, 0].astype(np.int64))
-                on_stored = head(stored[layer] if last else norm(stored[layer]))
-                best = on_stored.topk(2, dim=-1)
-                exact = (best.values[:, 0] - best.values[:, 1]) > 1e-4
-                assert torch.equal(ours[exact], best.indices[exact, 0]), (s, layer)
-                x = h[0, image] if last else norm(h[0, image])
-                best = head(x).topk(2, dim=-1)
-                bound = 2 * w_norm * x.norm(dim=-1) * 2.0**-10  # logit change from fp16 rounding of h
-                clear = (best.values[:, 0] - best.values[:, 1]) > bound
-                assert torch.equal(ours[clear], best.indices[clear, 0]), (s, layer)
-                compared += int(clear.sum())
-                total += clear.numel()
+        states = torch.from_numpy(hidden_of(outputs)[:, image])
+        done = assert_top1_matches(ours, stored, states, norm, head)
+        compared, total = compared + done[0], total + done[1]
         assert (top[s].values[:, ~padded] == -1).all()
     assert compared / total > 0.5
 

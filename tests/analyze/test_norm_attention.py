@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import load_reference, run_reference
+from tests.helpers import decoder_of, lm_outputs, load_reference, run_reference
 from vislens.analyze.norm_attention import (
     last_query_heatmap,
     norm_attention,
@@ -23,7 +23,7 @@ from vislens.store import open_store
 def brute_force(model, inputs):
     """Per layer: NA(q, j) = |sum_h alpha^h_qj f_h(x_j)| for all q, j, materialised literally."""
     values = {}
-    layers = model.model.language_model.layers
+    layers = decoder_of(model).layers
     hooks = [
         layer.self_attn.v_proj.register_forward_hook(lambda m, i, o, k=k: values.__setitem__(k, o[0]))
         for k, layer in enumerate(layers)
@@ -40,7 +40,7 @@ def brute_force(model, inputs):
     result = []
     with torch.no_grad():
         for k, layer in enumerate(layers):
-            alpha = out.attentions[k][0]  # (H, N, N)
+            alpha = lm_outputs(out).attentions[k][0]  # (H, N, N)
             w_o = layer.self_attn.o_proj.weight  # (D, H d)
             kv_of = [h // (heads // kv) for h in range(heads)]
             f = torch.stack(

@@ -1,13 +1,16 @@
 """The shared-prefix engine: every ablation setting of one input from ONE pass over its image prefix.
 
-With causal attention, the keys and values of the text before the image and of image tokens
-``[0, s)`` do not depend on anything after them. One decoder pass over the prefix (the text
-before the image and all n image tokens) therefore holds the cache of every setting: a setting
-that removes ``[s, e)`` reuses the cached positions ``[0, a + s)`` (a = first image position)
-and recomputes only its tail: image tokens ``[e, n)`` and the text after the image. Many settings
-run as one batch: the cache is cut to the longest kept prefix of the batch, shorter prefixes are
-masked out with a 4D additive mask, and the tail's rotary positions are exactly those of the
-ablated input (``a + s`` onwards in ``remove`` style, ``a + e`` in ``block`` style).
+A setting removes image tokens ``[s, e)`` (0-based, among the n image tokens): the input positions
+from that of image token s through that of image token e - 1, with any text tokens between them
+(the tile markers of Idefics3; image tokens of the other families are one run). With causal
+attention, the keys and values of every position before the first removed one do not depend on
+anything after it. One decoder pass over the prefix (the text before the image and the image,
+up to its last token) therefore holds the cache of every setting: a setting reuses the cached
+positions before its removed span and recomputes only its tail (what follows the span). Many
+settings run as one batch: the cache is cut to the longest kept prefix of the batch, shorter
+prefixes are masked out with a 4D additive mask, and the tail's rotary positions are exactly
+those of the ablated input (`Adapter.ablated_positions`: shifted down in ``remove`` style,
+unchanged in ``block`` style; Qwen2-VL's 3-D positions follow its own rule).
 
 The last input token is never fed: its prediction lies beyond the caption and is not scored.
 """
@@ -31,8 +34,11 @@ class PairInput:
     ----------
     embeds : (token, hidden) decoder input embeddings, image features in place.
     token_ids : (token,) int64 ids of the full input.
-    image_start, n_image : the image tokens are positions ``[image_start, image_start + n_image)``.
+    image_start, n_image : first image position and number of image tokens.
     caption_start : first scored position; positions ``[caption_start, token)`` are the caption.
+    image_positions : (n_image,) int64 positions of the image tokens; None: the run
+        ``[image_start, image_start + n_image)``.
+    positions : (P, token) int64 rotary positions of the full input; None: ``0, 1, 2, ...`` (P = 1).
     """
 
     embeds: torch.Tensor
@@ -40,6 +46,15 @@ class PairInput:
     image_start: int
     n_image: int
     caption_start: int
+    image_positions: np.ndarray | None = None
+    positions: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        image = self.image_pos
+        if len(image) != self.n_image or (len(image) and int(image[0]) != self.image_start):
+            raise ModelError(
+                f"image positions {image.tolist()} do not start at {self.image_start} with {self.n_image} tokens"
+            )
 
     @property
     def n_tokens(self) -> int:
@@ -47,9 +62,35 @@ class PairInput:
         return int(len(self.token_ids))
 
     @property
+    def image_pos(self) -> np.ndarray:
+        """(n_image,) int64 positions of the image tokens."""
+        if self.image_positions is None:
+            return np.arange(self.image_start, self.image_start + self.n_image, dtype=np.int64)
+        return np.asarray(self.image_positions, dtype=np.int64)
+
+    @property
+    def rope(self) -> torch.Tensor:
+        """(P, token) int64 rotary positions of the full input."""
+        if self.positions is None:
+            return torch.arange(self.n_tokens, device=self.embeds.device)[None]
+        return self.positions.to(self.embeds.device)
+
+    @property
     def prefix_len(self) -> int:
-        """Text before the image plus all image tokens."""
-        return self.image_start + self.n_image
+        """Text before the image plus the image, through its last image token."""
+        return int(self.image_pos[-1]) + 1 if self.n_image else self.image_start
+
+    def removed_span(self, start: np.ndarray, stop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(first, end): the positions ``[first, end)`` that removing image tokens ``[start, stop)`` removes.
+
+        From image token ``start`` through image token ``stop - 1`` (text tokens between them
+        included); an empty interval removes nothing (``first = end``).
+        """
+        start, stop = np.asarray(start, dtype=np.int64), np.asarray(stop, dtype=np.int64)
+        bounds = np.append(self.image_pos, self.prefix_len)  # position of image token i; i = n: after the image
+        first = bounds[start]
+        end = np.where(stop > start, bounds[np.maximum(stop - 1, 0)] + 1, first)
+        return first, end
 
     @property
     def targets(self) -> torch.Tensor:
@@ -72,8 +113,8 @@ class Work:
         self.attention_pairs += batch * queries * keys
 
 
-def image_span(image_mask: np.ndarray) -> tuple[int, int]:
-    """(first position, count) of the image tokens of one input, which must be contiguous.
+def image_span(image_mask: np.ndarray, contiguous: bool = True) -> tuple[int, int]:
+    """(first position, count) of the image tokens of one input, which must be contiguous unless not ``contiguous``.
 
     Raises
     ------
@@ -84,7 +125,7 @@ def image_span(image_mask: np.ndarray) -> tuple[int, int]:
     if positions.size == 0:
         raise ModelError("the input holds no image tokens; the prompt lost its image placeholder")
     start, count = int(positions[0]), int(positions.size)
-    if int(positions[-1]) != start + count - 1:
+    if contiguous and int(positions[-1]) != start + count - 1:
         raise ModelError("the image tokens are not one contiguous run; ablation supports one image per input")
     return start, count
 
@@ -136,8 +177,7 @@ def run_prefix(adapter: Adapter, pair: PairInput, work: Work | None = None) -> l
     if n == 0:
         return []
     cache = adapter.ablation_cache()
-    positions = adapter.ablation_position_ids(torch.zeros(1, dtype=torch.long, device=pair.embeds.device), n)
-    adapter.ablation_decode(pair.embeds[None, :n], positions, None, cache)
+    adapter.ablation_decode(pair.embeds[None, :n], pair.rope[None, :, :n], None, cache)
     if work is not None:
         work.add(1, n, n)
     return adapter.ablation_cache_tensors(cache)
@@ -146,6 +186,17 @@ def run_prefix(adapter: Adapter, pair: PairInput, work: Work | None = None) -> l
 def batches(order: torch.Tensor, size: int) -> list[torch.Tensor]:
     """Consecutive slices of ``size`` indices."""
     return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def ablated_positions(
+    adapter: Adapter, pair: PairInput, first: torch.Tensor, end: torch.Tensor, shift: bool
+) -> torch.Tensor:
+    """(setting, P, token) rotary positions of each setting's ablated input, positions ``[first, end)`` removed."""
+    index = torch.arange(pair.n_tokens, device=first.device)
+    removed = (index[None, :] >= first[:, None]) & (index[None, :] < end[:, None])
+    image = torch.zeros(pair.n_tokens, dtype=torch.bool, device=first.device)
+    image[torch.as_tensor(pair.image_pos, device=first.device)] = True
+    return adapter.ablated_positions(pair.rope, image, removed, shift)
 
 
 def shared_prefix_losses(
@@ -163,7 +214,7 @@ def shared_prefix_losses(
 
     Parameters
     ----------
-    start, stop : (setting,) image tokens ``[start, stop)`` removed by each setting.
+    start, stop : (setting,) image tokens ``[start, stop)`` removed by each setting (`PairInput.removed_span`).
     shift : ``remove`` style (later positions shift down) if True, ``block`` style if False.
     batch_size : settings per decoder call.
     prefix : `run_prefix` output to reuse (e.g. across prompts sharing the same prefix).
@@ -175,19 +226,18 @@ def shared_prefix_losses(
     check_pair(pair)
     if prefix is None:
         prefix = run_prefix(adapter, pair, work)
-    a, fed = pair.image_start, pair.n_tokens - 1
+    fed = pair.n_tokens - 1
     device, dtype = pair.embeds.device, pair.embeds.dtype
-    start_t = torch.as_tensor(np.asarray(start), dtype=torch.long, device=device)
-    stop_t = torch.as_tensor(np.asarray(stop), dtype=torch.long, device=device)
+    spans = pair.removed_span(start, stop)
+    first_t, end_t = (torch.as_tensor(v, dtype=torch.long, device=device) for v in spans)
     before = torch.arange(pair.caption_start, pair.n_tokens, device=device) - 1  # positions predicting the caption
     targets = pair.targets
-    out = torch.empty(len(start_t), len(targets), dtype=torch.float32)
-    for idx in batches(torch.as_tensor(np.argsort(np.asarray(start), kind="stable")), batch_size):
-        s, e = start_t[idx], stop_t[idx]
-        first = a + e  # original position of each setting's first recomputed token
+    out = torch.empty(len(first_t), len(targets), dtype=torch.float32)
+    for idx in batches(torch.as_tensor(np.argsort(spans[0], kind="stable")), batch_size):
+        kept, first = first_t[idx], end_t[idx]  # positions [0, kept) come from the cache; the tail starts at first
         lengths = fed - first
         tail = int(lengths.max())
-        cached = a + int(s.max())
+        cached = int(kept.max())
         embeds = torch.zeros(len(idx), tail, pair.embeds.shape[-1], dtype=dtype, device=device)
         for b in range(len(idx)):
             embeds[b, : int(lengths[b])] = pair.embeds[int(first[b]) : fed]
@@ -196,10 +246,12 @@ def shared_prefix_losses(
             for k, v in prefix
         ]
         cache = adapter.ablation_cache(kv if cached else None)
-        keep = torch.arange(cached, device=device)[None, :] < (a + s)[:, None]
+        keep = torch.arange(cached, device=device)[None, :] < kept[:, None]
         causal = torch.ones(tail, tail, dtype=torch.bool, device=device).tril()
         allowed = torch.cat([keep[:, None, :].expand(-1, tail, -1), causal[None].expand(len(idx), -1, -1)], dim=-1)
-        positions = adapter.ablation_position_ids(a + (s if shift else e), tail)
+        columns = (first[:, None] + torch.arange(tail, device=device)[None, :]).clamp(max=fed - 1)
+        rope = ablated_positions(adapter, pair, kept, first, shift)
+        positions = rope.gather(2, columns[:, None, :].expand(-1, rope.shape[1], -1))
         hidden = adapter.ablation_decode(embeds, positions, additive_mask(allowed, dtype), cache)
         out[idx] = caption_losses(adapter, hidden, before[None, :] - first[:, None], targets).cpu()
         if work is not None:

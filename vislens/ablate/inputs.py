@@ -84,8 +84,10 @@ def encode_pairs(adapter: Adapter, image: Image.Image, pairs: list[PlannedPair],
     """
     full = adapter.encode([image] * len(pairs), [p.text for p in pairs])
     context = adapter.encode([image] * len(pairs), [p.context for p in pairs])
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in full.items()}
+    selected = adapter.ablation_inputs(full, context)
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in selected.items()}
     embeds = adapter.ablation_embeddings(inputs)
+    rope = adapter.ablation_positions(inputs)
     valid = full["attention_mask"].bool()
     image_mask = adapter.image_mask(full).numpy()
     out = []
@@ -100,13 +102,14 @@ def encode_pairs(adapter: Adapter, image: Image.Image, pairs: list[PlannedPair],
                 f"image {pair.record.id}: appending the caption changes the tokens of the prompt; "
                 "the scored caption tokens cannot be separated (override Adapter.ablation_texts)"
             )
-        start, count = image_span(image_mask[b, :n])
+        start, count = image_span(image_mask[b, :n], contiguous=adapter.contiguous_image_tokens)
         if n != pair.n_tokens or count != pair.n_image or n - n_context != pair.n_caption:
             raise ModelError(
                 f"image {pair.record.id}: {n} tokens ({count} image, {n - n_context} caption) but the plan counted "
                 f"{pair.n_tokens} ({pair.n_image}, {pair.n_caption}); the processor is not deterministic"
             )
-        out.append(PairInput(embeds[b, :n], ids, start, count, n_context))
+        image_pos = None if adapter.contiguous_image_tokens else np.flatnonzero(image_mask[b, :n])
+        out.append(PairInput(embeds[b, :n], ids, start, count, n_context, image_pos, rope[b, :, :n]))
     return out
 
 
@@ -114,7 +117,7 @@ def token_arrays(pair: PairInput) -> dict[str, np.ndarray]:
     """``token_id`` int32, ``modality`` uint8 and ``scored`` bool, each (token,), of a pair's full input."""
     n = pair.n_tokens
     modality = np.full(n, TEXT, dtype=np.uint8)
-    modality[pair.image_start : pair.prefix_len] = IMAGE
+    modality[pair.image_pos] = IMAGE
     scored = np.zeros(n, dtype=bool)
     scored[pair.caption_start :] = True
     return {"token_id": pair.token_ids.astype(np.int32), "modality": modality, "scored": scored}

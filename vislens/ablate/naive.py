@@ -1,9 +1,10 @@
 """The naive reference: one full decoder pass per setting over the truly ablated input.
 
-``remove`` style: the ablated input is the full input without image tokens ``[start, stop)``,
-right-padded in a batch, positions from 0 (the decoder builds its causal and padding mask).
-``block`` style: the full input, with the key columns of ``[start, stop)`` masked for every
-query after the interval (a 4D additive mask); positions unchanged. The interval's own rows are
+``remove`` style: the ablated input is the full input without the removed positions
+(`PairInput.removed_span`), right-padded in a batch, each kept token at its rotary position in
+the ablated input (`Adapter.ablated_positions`; the decoder builds its causal and padding mask).
+``block`` style: the full input, with the key columns of the removed positions masked for every
+query after them (a 4D additive mask); positions unchanged. The removed positions' own rows are
 computed but nothing reads them. Slow and plain, for checking the shared-prefix engine.
 """
 
@@ -12,7 +13,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vislens.ablate.engine import PairInput, Work, additive_mask, batches, caption_losses, check_pair
+from vislens.ablate.engine import (
+    PairInput,
+    Work,
+    ablated_positions,
+    additive_mask,
+    batches,
+    caption_losses,
+    check_pair,
+)
 from vislens.extract.adapters.base import Adapter
 
 
@@ -32,33 +41,36 @@ def naive_losses(
     (setting, caption_token) float32.
     """
     check_pair(pair)
-    a, fed = pair.image_start, pair.n_tokens - 1
+    fed = pair.n_tokens - 1
     device, dtype = pair.embeds.device, pair.embeds.dtype
+    spans = [torch.as_tensor(v, dtype=torch.long, device=device) for v in pair.removed_span(start, stop)]
     before = torch.arange(pair.caption_start, pair.n_tokens, device=device) - 1
     targets = pair.targets
-    out = torch.empty(len(start), len(targets), dtype=torch.float32)
-    for idx in batches(torch.arange(len(start)), batch_size):
-        s = torch.as_tensor(np.asarray(start)[idx.numpy()], dtype=torch.long, device=device)
-        e = torch.as_tensor(np.asarray(stop)[idx.numpy()], dtype=torch.long, device=device)
+    col = torch.arange(fed, device=device)
+    out = torch.empty(len(spans[0]), len(targets), dtype=torch.float32)
+    for idx in batches(torch.arange(len(spans[0])), batch_size):
+        f, e = spans[0][idx], spans[1][idx]  # positions [f, e) removed
+        rope = ablated_positions(adapter, pair, f, e, shift)[:, :, :fed]  # (batch, P, fed)
+        removed = (col[None, :] >= f[:, None]) & (col[None, :] < e[:, None])  # (batch, fed)
         if shift:
-            lengths = fed - (e - s)
+            lengths = fed - (e - f)
             width = int(lengths.max())
             embeds = torch.zeros(len(idx), width, pair.embeds.shape[-1], dtype=dtype, device=device)
+            positions = torch.zeros(len(idx), rope.shape[1], width, dtype=torch.long, device=device)
             for b in range(len(idx)):
-                kept = torch.cat([pair.embeds[: a + int(s[b])], pair.embeds[a + int(e[b]) : fed]])
-                embeds[b, : len(kept)] = kept
+                kept = torch.nonzero(~removed[b]).flatten()
+                embeds[b, : len(kept)] = pair.embeds[kept]
+                positions[b, :, : len(kept)] = rope[b][:, kept]
             mask = torch.arange(width, device=device)[None, :] < lengths[:, None]
-            rows = before[None, :] - (e - s)[:, None]
+            rows = before[None, :] - (e - f)[:, None]
         else:
             width = fed
             embeds = pair.embeds[None, :fed].expand(len(idx), -1, -1)
-            col = torch.arange(fed, device=device)
-            blocked = (col[None, :] >= a + s[:, None]) & (col[None, :] < a + e[:, None])  # (batch, key)
-            later = col[:, None] >= (a + e)[:, None, None]  # (batch, query, 1)
+            positions = rope
+            later = col[:, None] >= e[:, None, None]  # (batch, query, 1)
             causal = torch.ones(fed, fed, dtype=torch.bool, device=device).tril()
-            mask = additive_mask(causal[None] & ~(blocked[:, None, :] & later), dtype)
+            mask = additive_mask(causal[None] & ~(removed[:, None, :] & later), dtype)
             rows = before[None, :].expand(len(idx), -1)
-        positions = adapter.ablation_position_ids(torch.zeros(len(idx), dtype=torch.long, device=device), width)
         hidden = adapter.ablation_decode(embeds, positions, mask)
         out[idx] = caption_losses(adapter, hidden, rows, targets).cpu()
         if work is not None:

@@ -22,7 +22,7 @@ from vislens.ablate.engine import PairInput, Work, run_prefix, shared_prefix_los
 from vislens.ablate.inputs import PlannedPair, encode_pairs, plan_pairs, token_arrays
 from vislens.ablate.naive import naive_losses
 from vislens.ablate.settings import Settings, masking_settings, tile_intervals, truncation_settings
-from vislens.errors import ImageError, ModelError
+from vislens.errors import ImageError
 from vislens.extract.adapters import LoadedModel, load_adapter
 from vislens.extract.config import fingerprint
 from vislens.extract.datasets import DataSet, load_data
@@ -41,6 +41,8 @@ DEFINITIONS = {
     "truncate": "keep the first k image tokens, drop the rest; the text after the image shifts down",
     "remove": "masked image tokens are taken out of the input; later positions shift down",
     "block": "masked image tokens stay in place but no later position attends to them; positions unchanged",
+    "variable": "where images give different numbers of image tokens, settings are those of the largest n "
+    "(n_image_tokens attribute); a setting beyond an input's own n (variable n_image_tokens) is NaN",
 }
 
 
@@ -143,18 +145,23 @@ def _spec(
     )
 
 
-def _pair_arrays(pair: PairInput, token_loss: np.ndarray, settings: Settings, config: AblateConfig) -> dict:
-    """The stored arrays of one pair; the last row of ``token_loss`` is the unablated input."""
+def _pair_arrays(
+    pair: PairInput, token_loss: np.ndarray, fits: np.ndarray, settings: Settings, config: AblateConfig
+) -> dict:
+    """The stored arrays of one pair; ``token_loss`` holds the settings that ``fits``, then the unablated input."""
     name = "loss" if settings.mode == "truncate" else "masked_loss"
+    per_setting = np.full((len(settings), token_loss.shape[1]), np.nan, dtype=np.float32)
+    per_setting[fits] = token_loss[:-1]
     arrays: dict[str, Any] = {
-        name: token_loss[:-1].mean(axis=1),
+        name: per_setting.mean(axis=1),
         "full_loss": np.float32(token_loss[-1].mean()),
         "full_token_loss": token_loss[-1],
         "n_tokens": np.int32(pair.n_tokens),
+        "n_image_tokens": np.int32(pair.n_image),
         **token_arrays(pair),
     }
     if config.token_loss is not None:
-        arrays["token_loss"] = token_loss[:-1].astype(config.token_loss)
+        arrays["token_loss"] = per_setting.astype(config.token_loss)
     return arrays
 
 
@@ -169,12 +176,13 @@ def _run_image(
     bar: Any,
 ) -> None:
     adapter = loaded.adapter
-    start = np.append(settings.start, settings.n_image)  # last row: nothing removed (the full loss)
-    stop = np.append(settings.stop, settings.n_image)
     with torch.inference_mode():
         inputs = encode_pairs(adapter, image, todo, config.resolved_device())
         prefixes: dict[bytes, list] = {}
         for planned, pair in zip(todo, inputs):
+            fits, start, stop = settings.for_input(pair.n_image)
+            start = np.append(start, pair.n_image)  # last row: nothing removed (the full loss)
+            stop = np.append(stop, pair.n_image)
             options = dict(shift=settings.shift, batch_size=config.batch_size, work=work)
             if config.method == "naive":
                 losses = naive_losses(adapter, pair, start, stop, **options)
@@ -183,7 +191,7 @@ def _run_image(
                 if key not in prefixes:
                     prefixes[key] = run_prefix(adapter, pair, work)
                 losses = shared_prefix_losses(adapter, pair, start, stop, prefix=prefixes[key], **options)
-            writer.write_pair(planned.sample, planned.prompt, _pair_arrays(pair, losses, settings, config))
+            writer.write_pair(planned.sample, planned.prompt, _pair_arrays(pair, losses, fits, settings, config))
             bar.update(1)
 
 
@@ -208,10 +216,7 @@ def ablate(config: AblateConfig, *, loaded: LoadedModel | None = None) -> Ablate
             config.model, device=config.resolved_device(), dtype=config.dtype, revision=config.revision
         )
     pairs = plan_pairs(data, prompts, loaded.adapter, config.caption_index)
-    counts = sorted({p.n_image for p in pairs})
-    if len(counts) != 1:
-        raise ModelError(f"images give different numbers of image tokens {counts}; ablation needs one grid of settings")
-    settings = make_settings(config, counts[0])
+    settings = make_settings(config, max(p.n_image for p in pairs))
     writer = prepare_ablation(
         location, _spec(config, loaded, data, prompts, pairs, settings), group=config.group, overwrite=config.overwrite
     )

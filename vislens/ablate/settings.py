@@ -13,6 +13,10 @@ Two styles say what "removed" means:
 - ``block``: the tokens stay in the input but no other position attends to them (their key
   columns are masked for every later query); every position keeps its index. This is what
   setting their ``attention_mask`` to 0 does in transformers.
+
+Families with a variable number of image tokens (LLaVA-NeXT, Qwen2-VL, Idefics3) get the settings
+of the largest n of the run; an input with fewer image tokens runs only the settings that fit it
+(`Settings.for_input`: k <= n, or stop <= n), and the others are NaN in the store.
 """
 
 from __future__ import annotations
@@ -52,6 +56,19 @@ class Settings:
     def k(self) -> np.ndarray:
         """(setting,) image tokens kept before the removed interval (truncation's k)."""
         return self.start
+
+    def for_input(self, n_image: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(fits, start, stop) for an input of ``n_image`` image tokens (at most ``self.n_image``).
+
+        ``fits`` (setting,) bool marks the settings that fit the input (truncation: k <= n_image;
+        masking: stop <= n_image); ``start``, ``stop`` are the removed intervals of those settings,
+        truncation removing ``[k, n_image)`` of this input.
+        """
+        if self.mode == "truncate":
+            fits = self.start <= n_image
+            return fits, self.start[fits], np.full(int(fits.sum()), n_image, dtype=np.int64)
+        fits = self.stop <= n_image
+        return fits, self.start[fits], self.stop[fits]
 
 
 def parse_ks(text: str) -> tuple[int, ...]:

@@ -15,6 +15,10 @@ first k image tokens averaged over samples, and L_p(k) the same for prompt p:
   Pooled over prompts, L(k) is the mean of the L_p(k).
 - masking: mean loss per masked token or interval, and its difference from the unmasked loss
   (figure 4.7; a negative difference: removing those tokens helps).
+
+Where images give different numbers of image tokens (LLaVA-NeXT, Qwen2-VL, Idefics3), a setting
+beyond an image's own n is NaN and left out of the means (``n_samples`` counts the images each
+mean covers), and ``fraction`` is k over the largest n of the run (attribute ``n_image_tokens``).
 """
 
 from __future__ import annotations

@@ -24,13 +24,14 @@ STATS = ("inter_modal", "intra_image", "intra_text")
 
 
 def _intra(h: torch.Tensor, mask: torch.Tensor, backend: str) -> torch.Tensor:
-    """Mean cosine over ordered pairs i != j of the masked rows, from the all-pairs mean."""
+    """Mean cosine over ordered pairs i != j of the masked rows, from the all-pairs mean (NaN below two rows)."""
     from vislens.kernels import mean_cosine
 
     all_pairs = mean_cosine(h, h, a_mask=mask, b_mask=mask, backend=backend)
     m = mask.sum(-1).to(torch.float32)
     nonzero = ((h.float().norm(dim=-1) > 0) & mask).sum(-1).to(torch.float32)
-    return (m * m * all_pairs - nonzero) / (m * (m - 1))
+    mean = (m * m * all_pairs - nonzero) / (m * (m - 1))
+    return torch.where(m > 1, mean, torch.nan)  # one row has no pairs (InstructBLIP's empty prompt: BOS alone)
 
 
 def _block_stats(hidden: np.ndarray, modality: np.ndarray, backend: str) -> np.ndarray:

@@ -50,7 +50,7 @@ class AblationLayout:
     mode : ``truncate`` (dimension ``k``) or ``mask`` (dimension ``setting``).
     n_samples, n_prompts : images and prompts.
     n_tokens, n_caption_tokens : longest full input and longest scored caption.
-    n_image_tokens : image tokens of every input.
+    n_image_tokens : image tokens of every input (the most of any input where images differ).
     start, stop : (setting,) int32 removed image tokens ``[start, stop)`` of each setting
         (truncation to k keeps ``[0, k)``: start = k, stop = n_image_tokens).
     token_loss : dtype of ``token_loss`` (``float32``, ``float16``) or None to leave it out.
@@ -128,6 +128,7 @@ def _per_pair(layout: AblationLayout) -> list[tuple[str, tuple[str, ...], str, A
         ("modality", ("sample", "prompt", "token"), "uint8", schema.PADDING, "0 padding, 1 image, 2 text"),
         ("scored", ("sample", "prompt", "token"), "bool", False, "caption tokens whose cross-entropy is scored"),
         ("n_tokens", ("sample", "prompt"), "int32", 0, "valid positions of the full input"),
+        ("n_image_tokens", ("sample", "prompt"), "int32", 0, "image tokens of the full input"),
     ]
     if layout.token_loss is not None:
         dims = ("sample", "prompt", dim, "caption_token")

@@ -8,11 +8,21 @@ import torch
 
 from vislens.errors import ModelError, UnsupportedModelError
 from vislens.extract.adapters.base import Adapter, AttentionShape, NormSpec
+from vislens.extract.adapters.idefics3 import Idefics3Adapter
+from vislens.extract.adapters.instructblip import InstructBlipAdapter
 from vislens.extract.adapters.llava import LlavaAdapter
+from vislens.extract.adapters.llava_next import LlavaNextAdapter
+from vislens.extract.adapters.qwen2_vl import Qwen2VLAdapter
 
 __all__ = ["Adapter", "AttentionShape", "NormSpec", "ADAPTERS", "adapter_class", "load_adapter", "LoadedModel"]
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter,)
+ADAPTERS: tuple[type[Adapter], ...] = (
+    LlavaAdapter,
+    InstructBlipAdapter,
+    LlavaNextAdapter,
+    Qwen2VLAdapter,
+    Idefics3Adapter,
+)
 ADDING_DOC = "docs/models.md (section 'Adding a model family')"
 
 

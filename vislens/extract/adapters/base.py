@@ -50,6 +50,8 @@ class Adapter:
     hub_ids: ClassVar[tuple[str, ...]] = ()
     fixed_image_tokens: ClassVar[bool] = True
     """Whether every image gives the same number of image tokens (then counts are cached)."""
+    contiguous_image_tokens: ClassVar[bool] = True
+    """Whether one image's tokens are one run; False where text tokens (tile markers) lie between them."""
 
     def __init__(self, model: torch.nn.Module, processor: Any) -> None:
         self.model = model
@@ -213,7 +215,7 @@ class Adapter:
     # ---- ablation: running image prefixes ----
     # What `vislens.ablate` needs to run the language decoder on input embeddings with a cache.
     # LLaVA-shaped defaults; InstructBLIP (query tokens before BOS) overrides `ablation_embeddings`,
-    # Qwen2-VL (multimodal rotary positions) overrides `ablation_position_ids`.
+    # Qwen2-VL (multimodal rotary positions) overrides `ablation_positions` and `ablated_positions`.
     def ablation_texts(self, prompt: str, caption: str) -> tuple[str, str]:
         """(context, full text): the prompt in the chat template, and it followed by the caption.
 
@@ -223,6 +225,16 @@ class Adapter:
         context = self.format_prompt(prompt)
         return context, f"{context} {caption.strip()}"
 
+    def ablation_inputs(
+        self, full: dict[str, torch.Tensor], context: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """What `ablation_embeddings` embeds: the `encode` outputs of the full text (prompt and caption).
+
+        ``context`` holds those of the prompt alone, for families whose image features read the
+        text (InstructBLIP's Q-Former must not see the caption being scored).
+        """
+        return full
+
     def ablation_embeddings(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """(batch, token, hidden) decoder input embeddings with the image features in place.
 
@@ -230,7 +242,7 @@ class Adapter:
         """
         base = self.model.model
         embeds = base.get_input_embeddings()(inputs["input_ids"])
-        extra = {k: inputs[k] for k in ("image_sizes",) if k in inputs}
+        extra = {k: inputs[k] for k in ("image_sizes", "image_grid_thw", "pixel_attention_mask") if k in inputs}
         features = base.get_image_features(pixel_values=inputs["pixel_values"], **extra).pooler_output
         features = torch.cat(list(features), dim=0).to(embeds.device, embeds.dtype)
         mask = self.image_mask(inputs).to(embeds.device)
@@ -240,9 +252,24 @@ class Adapter:
             )
         return embeds.masked_scatter(mask[..., None], features)
 
-    def ablation_position_ids(self, starts: torch.Tensor, length: int) -> torch.Tensor:
-        """(batch, length) rotary positions of ``length`` consecutive tokens from each ``starts[b]``."""
-        return starts[:, None] + torch.arange(length, device=starts.device)[None, :]
+    def ablation_positions(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(batch, P, token) int64 rotary positions of the `encode`d inputs: P = 1, ``0, 1, 2, ...``."""
+        ids = inputs["input_ids"]
+        return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], 1, -1)
+
+    def ablated_positions(
+        self, positions: torch.Tensor, image: torch.Tensor, removed: torch.Tensor, shift: bool
+    ) -> torch.Tensor:
+        """(setting, P, token) rotary positions of every token of each ablated input.
+
+        ``positions`` (P, token) are those of the full input, ``image`` (token,) bool its image
+        tokens, ``removed`` (setting, token) bool the tokens each setting removes. ``shift``
+        (``remove`` style): every kept token moves down by the removed tokens before it, as in the
+        truly shorter input; else (``block`` style) nothing moves. Removed tokens' entries are unused.
+        """
+        if not shift:
+            return positions.expand(removed.shape[0], -1, -1)
+        return positions[None] - removed.long().cumsum(-1)[:, None, :]
 
     def ablation_cache(self, keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Any:
         """A transformers `DynamicCache`, empty or holding (batch, kv_heads, token, head_dim) keys and values per layer."""
@@ -263,14 +290,17 @@ class Adapter:
     ) -> torch.Tensor:
         """Run the language decoder on ``embeds`` (batch, token, hidden); the final-normed last hidden states.
 
+        ``position_ids`` (batch, P, token) come from `ablated_positions` (P = 1 is passed on as
+        (batch, token), P > 1 as (P, batch, token), the multimodal rotary layout of Qwen2-VL).
         ``attention_mask`` is a 2D padding mask (batch, cached + token), a 4D additive float mask
         (batch, 1, token, cached + token) used as is, or None (causal); ``cache`` (from
         `ablation_cache`) is extended in place with the new keys and values.
         """
         name = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
+        positions = position_ids[:, 0] if position_ids.shape[1] == 1 else position_ids.transpose(0, 1)
         out = self.decoder(
             inputs_embeds=embeds,
-            position_ids=position_ids,
+            position_ids=positions,
             attention_mask=attention_mask,
             use_cache=cache is not None,
             **{name: cache},
