@@ -36,16 +36,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_toy(sub: argparse._SubParsersAction) -> None:
+    from vislens.extract.toy_model import TOY_FAMILIES
+
     p = sub.add_parser(
         "toy",
-        help="build the embedded tiny LLaVA and print its folder",
-        description="Build (or reuse) the embedded tiny LLaVA checkpoint and print its folder, for --model.",
+        help="build a tiny random-init checkpoint and print its folder (for --model)",
+        description="Build (or reuse) a tiny random-init checkpoint of a supported model family, with an offline "
+        "tokenizer and the family's real processor, and print its folder: pass it to --model to try vislens "
+        "on that family without downloads. The default is the embedded tiny LLaVA.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    p.add_argument("--family", default="llava", choices=TOY_FAMILIES, help="model family")
     p.set_defaults(func=_cmd_toy)
 
 
 def _cmd_toy(args: argparse.Namespace) -> int:
-    from vislens.extract.toy_model import toy_model_path
+    from vislens.extract.toy_model import toy_checkpoint
 
-    print(toy_model_path())
+    print(toy_checkpoint(args.family))
     return 0

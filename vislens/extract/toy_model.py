@@ -12,9 +12,11 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vislens.errors import ConfigError
 from vislens.extract.datasets.synthetic import caption_corpus
 
 LLAVA_CHAT_TEMPLATE = (
@@ -60,17 +62,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("VISLENS_CACHE", Path.home() / ".cache" / "vislens"))
 
 
-def toy_model_path(spec: ToySpec = ToySpec(), cache_dir: Path | None = None) -> Path:
-    """Build the toy checkpoint once and return its folder (reused afterwards)."""
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = "-".join(f"{k}{v}" for k, v in asdict(spec).items())
-    path = cache_dir / f"toy-llava-v{TOY_VERSION}-{key}"
-    if (path / "config.json").exists() and (path / "processor_config.json").exists():
+def _cached(path: Path, build: Callable[[Path], object]) -> Path:
+    """Build a checkpoint into ``path`` once (atomically, via a temporary folder) and reuse it."""
+    if (path / "config.json").exists() and (path / "vislens_toy.json").exists():
         return path
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".building-"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".building-"))
     try:
-        build_toy_model(tmp, spec)
+        build(tmp)
         try:
             tmp.rename(path)
         except OSError:  # another process finished first: keep theirs
@@ -79,6 +78,36 @@ def toy_model_path(spec: ToySpec = ToySpec(), cache_dir: Path | None = None) -> 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def toy_model_path(spec: ToySpec = ToySpec(), cache_dir: Path | None = None) -> Path:
+    """Build the toy checkpoint once and return its folder (reused afterwards)."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = "-".join(f"{k}{v}" for k, v in asdict(spec).items())
+    return _cached(cache_dir / f"toy-llava-v{TOY_VERSION}-{key}", lambda tmp: build_toy_model(tmp, spec))
+
+
+TOY_FAMILIES = ("llava", "instructblip", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3")
+
+
+def toy_checkpoint(family: str = "llava", cache_dir: Path | None = None) -> Path:
+    """A tiny random-init checkpoint of any supported family, built once into the cache."""
+    if family == "llava":
+        return toy_model_path(cache_dir=cache_dir)
+    if family not in TOY_FAMILIES:
+        raise ConfigError(f"no toy checkpoint for family {family!r}; choose one of {', '.join(TOY_FAMILIES)}")
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if family == "instructblip":
+        from vislens.extract.toy_instructblip import build_toy_instructblip
+
+        build: Callable[[Path], object] = build_toy_instructblip
+    else:
+        from vislens.extract.toy_families import build_toy_family
+
+        def build(tmp: Path) -> object:
+            return build_toy_family(family, tmp)
+
+    return _cached(cache_dir / f"toy-{family}-v{TOY_VERSION}", build)
 
 
 def build_toy_tokenizer(vocab_size: int):
