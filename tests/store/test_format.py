@@ -146,3 +146,15 @@ def test_pickle_hidden_behind_consolidated_metadata_is_refused(store_copy):
     _write_root(store_copy, doc)
     with pytest.raises(StoreSafetyError, match="numcodecs.pickle"):
         open_store(str(store_copy))
+
+
+def test_extracting_into_a_store_of_another_version_is_refused(store_copy, toy_models, manifest):
+    from tests.store.conftest import extract_config
+    from vislens.extract import extract
+
+    doc = _root_doc(store_copy)
+    doc["attributes"]["vislens_format_version"] = 7
+    _write_root(store_copy, doc)
+    with pytest.raises(StoreFormatError, match="format version 7, this vislens writes version 1"):
+        extract(extract_config(toy_models["gqa"], manifest, str(store_copy)))
+    assert _root_doc(store_copy)["attributes"]["vislens_format_version"] == 7

@@ -75,11 +75,9 @@ class AblateConfig:
 
     def resolved_device(self) -> str:
         """``auto`` becomes cuda when a GPU is present, else cpu."""
-        if self.device != "auto":
-            return self.device
-        import torch
+        from vislens.extract.adapters import resolve_device
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_device(self.device)
 
     def content_args(self) -> dict[str, Any]:
         """The options that determine the group's content (recorded and fingerprinted)."""

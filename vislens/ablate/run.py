@@ -111,13 +111,7 @@ def _spec(
     )
     provenance = {
         "model": model_attrs(loaded),
-        "dataset": {
-            "name": data.name,
-            "split": data.split,
-            "seed": data.seed,
-            "source": data.source,
-            "n_images": len(data.records),
-        },
+        "dataset": data.provenance(),
         "prompts": {"file": config.prompts_file or f"vislens:prompts_normal.json (first {N_DEFAULT_PROMPTS})"},
     }
     run = {"device": config.resolved_device(), "batch_size": config.batch_size, "method": config.method}

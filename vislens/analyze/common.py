@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from vislens.errors import StoreFormatError
@@ -78,3 +80,22 @@ def as_text(array: xr.DataArray) -> xr.DataArray:
     """A (computed) string array as fixed-width unicode, which grouping and pandas handle everywhere."""
     values = np.asarray(array.values)
     return array.copy(data=np.array(values.tolist(), dtype=str).reshape(values.shape))
+
+
+def long_table(
+    stores: list[StoreLike], analysis: Callable[[xr.DataTree], xr.Dataset], values: list[str]
+) -> pd.DataFrame:
+    """One row per (store, prompt kind, layer): ``analysis(tree)`` of every store, stacked.
+
+    Columns: store, model, prompt_kind, layer, then ``values``.
+    """
+    frames = []
+    for store in stores:
+        tree = as_tree(store)
+        frame = analysis(tree).to_dataframe().reset_index()
+        frame.insert(0, "model", model_name(tree))
+        frame.insert(0, "store", label(store) or label(tree))
+        frames.append(frame)
+    table = pd.concat(frames, ignore_index=True)
+    columns = ["store", "model", "prompt_kind", "layer", *values]
+    return table[columns].sort_values(["store", "prompt_kind", "layer"], kind="stable").reset_index(drop=True)

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from vislens.analyze.common import StoreLike, as_text, as_tree, finished, group, label, model_name
+from vislens.analyze.common import StoreLike, as_text, finished, group, long_table
 from vislens.store import IMAGE, TEXT
 
 STATS = ("inter_modal", "intra_image", "intra_text")
@@ -86,13 +86,4 @@ def cosine(store: StoreLike, *, backend: str = "auto", samples_per_task: int = 4
 
 def cosine_table(stores: list[StoreLike], *, backend: str = "auto") -> pd.DataFrame:
     """Long table over stores: store, model, prompt_kind, layer, inter_modal, intra_*, n_samples."""
-    frames = []
-    for store in stores:
-        tree = as_tree(store) if not isinstance(store, xr.Dataset) else store
-        frame = cosine(tree, backend=backend).to_dataframe().reset_index()
-        frame.insert(0, "model", model_name(tree))
-        frame.insert(0, "store", label(store) or label(tree))
-        frames.append(frame)
-    table = pd.concat(frames, ignore_index=True)
-    columns = ["store", "model", "prompt_kind", "layer", *STATS, "n_samples"]
-    return table[columns].sort_values(["store", "prompt_kind", "layer"], kind="stable").reset_index(drop=True)
+    return long_table(stores, lambda tree: cosine(tree, backend=backend), [*STATS, "n_samples"])

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from vislens.analyze.common import StoreLike, as_text, as_tree, compute, finished, group, label, model_name
+from vislens.analyze.common import StoreLike, as_text, as_tree, compute, finished, group, long_table
 from vislens.analyze.words import STOPWORDS, decoded_words, precision_recall, reference_words
 from vislens.errors import DataError
 from vislens.store import IMAGE
@@ -213,13 +213,8 @@ def logit_lens_table(
     stores: list[StoreLike], *, top_k: int = 1, cache: bool = True, progress: bool = False
 ) -> pd.DataFrame:
     """Long table over stores: store, model, prompt_kind, layer, precision, recall, n_samples."""
-    frames = []
-    for store in stores:
-        tree = as_tree(store)
-        frame = logit_lens(tree, top_k=top_k, cache=cache, progress=progress).to_dataframe().reset_index()
-        frame.insert(0, "model", model_name(tree))
-        frame.insert(0, "store", label(store) if isinstance(store, str) else label(tree))
-        frames.append(frame)
-    table = pd.concat(frames, ignore_index=True)
-    columns = ["store", "model", "prompt_kind", "layer", "precision", "recall", "n_samples"]
-    return table[columns].sort_values(["store", "prompt_kind", "layer"], kind="stable").reset_index(drop=True)
+    return long_table(
+        stores,
+        lambda tree: logit_lens(tree, top_k=top_k, cache=cache, progress=progress),
+        ["precision", "recall", "n_samples"],
+    )

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from vislens.analyze.common import StoreLike, as_text, as_tree, compute, finished, group, label, model_name
+from vislens.analyze.common import StoreLike, as_text, as_tree, compute, finished, group, label, long_table
 from vislens.errors import StoreFormatError
 from vislens.store import IMAGE, TEXT
 
@@ -107,16 +107,11 @@ def norm_attention(store: StoreLike, *, backend: str = "auto", progress: bool = 
 
 def norm_attention_table(stores: list[StoreLike], *, backend: str = "auto", progress: bool = False) -> pd.DataFrame:
     """Long table: store, model, prompt_kind, layer, image_share, image_share_after_image, n_samples."""
-    frames = []
-    for store in stores:
-        tree = as_tree(store)
-        frame = norm_attention(tree, backend=backend, progress=progress).to_dataframe().reset_index()
-        frame.insert(0, "model", model_name(tree))
-        frame.insert(0, "store", label(store) if isinstance(store, str) else label(tree))
-        frames.append(frame)
-    table = pd.concat(frames, ignore_index=True)
-    columns = ["store", "model", "prompt_kind", "layer", "image_share", "image_share_after_image", "n_samples"]
-    return table[columns].sort_values(["store", "prompt_kind", "layer"], kind="stable").reset_index(drop=True)
+    return long_table(
+        stores,
+        lambda tree: norm_attention(tree, backend=backend, progress=progress),
+        ["image_share", "image_share_after_image", "n_samples"],
+    )
 
 
 def pick_samples(store: StoreLike, chosen: list[str] | None = None, n: int = 3) -> list[int]:

@@ -59,11 +59,9 @@ class ExtractConfig:
 
     def resolved_device(self) -> str:
         """``auto`` becomes cuda when a GPU is present, else cpu."""
-        if self.device != "auto":
-            return self.device
-        import torch
+        from vislens.extract.adapters import resolve_device
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_device(self.device)
 
     def content_args(self) -> dict[str, Any]:
         """The options that determine the store's content (recorded and fingerprinted)."""

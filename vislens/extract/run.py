@@ -121,13 +121,7 @@ def _store_spec(config: ExtractConfig, loaded: LoadedModel, data: DataSet, plan:
         "vislens_version": vislens.__version__,
         "model": model_attrs(loaded),
         "extraction": {"args": args, "device": config.resolved_device(), "batch_size": config.batch_size},
-        "dataset": {
-            "name": data.name,
-            "split": data.split,
-            "seed": data.seed,
-            "source": data.source,
-            "n_images": len(data.records),
-        },
+        "dataset": data.provenance(),
         "prompts": {
             "kinds": list(dict.fromkeys(config.prompts)),
             "file": config.prompts_file or "vislens:prompts_normal.json",

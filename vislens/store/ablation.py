@@ -28,11 +28,11 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from vislens.errors import StoreExistsError, StoreFormatError, StoreMismatchError
+from vislens.errors import StoreFormatError, StoreMismatchError
 from vislens.store import schema
 from vislens.store.create import STATUS_CREATING, STATUS_READY, CaptionData, captions_dataset, consolidate, small_codecs
 from vislens.store.location import StoreLocation
-from vislens.store.writer import read_root
+from vislens.store.writer import existing_root
 
 GROUP = "ablation"
 MODES = ("truncate", "mask")
@@ -292,21 +292,7 @@ def prepare_ablation(
     StoreMismatchError
         When the group was made by a run with other arguments (and ``overwrite`` is False).
     """
-    attrs = read_root(location)
-    if attrs is None and not location.is_empty():
-        raise StoreExistsError(
-            f"{location.url} already holds files that are not a vislens store; "
-            "choose an empty or new --out path, or an existing vislens store (nothing was changed)"
-        )
-    if attrs is not None and "vislens_format_version" not in attrs:
-        raise StoreExistsError(
-            f"{location.url} holds a zarr store that is not a vislens store; choose another --out (nothing was changed)"
-        )
-    if attrs is not None and attrs.get("vislens_format_version") != schema.FORMAT_VERSION:
-        raise StoreFormatError(
-            f"{location.url} has vislens store format version {attrs.get('vislens_format_version')}, "
-            f"this vislens writes version {schema.FORMAT_VERSION}; choose another --out"
-        )
+    attrs = existing_root(location)
     if attrs is not None and attrs.get("vislens_status") != STATUS_READY and not attrs.get(ABLATION_ONLY_ATTR):
         raise StoreFormatError(
             f"{location.url} is still being created by `vislens extract` (status {attrs.get('vislens_status')!r}); "

@@ -121,6 +121,35 @@ def read_root(location: StoreLocation) -> dict[str, Any] | None:
     return doc.get("attributes", {})
 
 
+def existing_root(location: StoreLocation) -> dict[str, Any] | None:
+    """Root attributes of the vislens store a writer is pointed at, or None if the path is empty.
+
+    Raises
+    ------
+    StoreExistsError
+        When the path holds something that is not a vislens store (nothing is changed).
+    StoreFormatError
+        When it is a vislens store of another format version.
+    """
+    attrs = read_root(location)
+    if attrs is None and not location.is_empty():
+        raise StoreExistsError(
+            f"{location.url} already holds files that are not a vislens store; "
+            "choose an empty or new --out path (nothing was changed)"
+        )
+    if attrs is not None and "vislens_format_version" not in attrs:
+        raise StoreExistsError(
+            f"{location.url} holds a zarr store that is not a vislens store; "
+            "choose another --out path (nothing was changed)"
+        )
+    if attrs is not None and attrs.get("vislens_format_version") != schema.FORMAT_VERSION:
+        raise StoreFormatError(
+            f"{location.url} has vislens store format version {attrs.get('vislens_format_version')}, "
+            f"this vislens writes version {schema.FORMAT_VERSION}; choose another --out (nothing was changed)"
+        )
+    return attrs
+
+
 def prepare_store(
     location: StoreLocation,
     spec: StoreSpec,
@@ -138,20 +167,12 @@ def prepare_store(
     ------
     StoreExistsError
         When the path holds something that is not a vislens store.
+    StoreFormatError
+        When it is a vislens store of another format version.
     StoreMismatchError
         When the store was made by a different extraction (and ``overwrite`` is False).
     """
-    attrs = read_root(location)
-    if attrs is None and not location.is_empty():
-        raise StoreExistsError(
-            f"{location.url} already holds files that are not a vislens store; "
-            "choose an empty or new --out path (nothing was changed)"
-        )
-    if attrs is not None and "vislens_format_version" not in attrs:
-        raise StoreExistsError(
-            f"{location.url} holds a zarr store that is not a vislens store; "
-            "choose another --out path (nothing was changed)"
-        )
+    attrs = existing_root(location)
     if attrs is not None and attrs.get("vislens_status") == STATUS_READY:
         if attrs.get("vislens_fingerprint") == spec.fingerprint:
             return StoreWriter(location)
@@ -190,4 +211,4 @@ def _wait_ready(location: StoreLocation, spec: StoreSpec, wait_s: float) -> Stor
     )
 
 
-__all__ = ["StoreWriter", "prepare_store", "shard_blocks", "read_root", "STATUS_CREATING"]
+__all__ = ["StoreWriter", "existing_root", "prepare_store", "read_root", "shard_blocks", "STATUS_CREATING"]

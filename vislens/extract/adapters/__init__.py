@@ -14,7 +14,16 @@ from vislens.extract.adapters.llava import LlavaAdapter
 from vislens.extract.adapters.llava_next import LlavaNextAdapter
 from vislens.extract.adapters.qwen2_vl import Qwen2VLAdapter
 
-__all__ = ["Adapter", "AttentionShape", "NormSpec", "ADAPTERS", "adapter_class", "load_adapter", "LoadedModel"]
+__all__ = [
+    "Adapter",
+    "AttentionShape",
+    "NormSpec",
+    "ADAPTERS",
+    "adapter_class",
+    "load_adapter",
+    "LoadedModel",
+    "resolve_device",
+]
 
 ADAPTERS: tuple[type[Adapter], ...] = (
     LlavaAdapter,
@@ -51,6 +60,13 @@ class LoadedModel:
     name_or_path: str
     revision: str | None
     commit_hash: str | None
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` becomes ``cuda`` when a GPU is present, else ``cpu``; anything else is kept."""
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _dtype(name: str, device: str) -> torch.dtype:

@@ -30,3 +30,13 @@ class DataSet:
     split: str = ""
     seed: int | None = None
     source: str = ""
+
+    def provenance(self) -> dict[str, object]:
+        """What a store records about the data set (root attribute ``dataset``)."""
+        return {
+            "name": self.name,
+            "split": self.split,
+            "seed": self.seed,
+            "source": self.source,
+            "n_images": len(self.records),
+        }
