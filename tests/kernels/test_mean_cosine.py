@@ -99,3 +99,18 @@ def test_input_errors():
         mean_cosine(torch.randn(3, 4), torch.randn(3, 4), a_mask=torch.ones(3))
     with pytest.raises(TypeError, match="float16"):
         mean_cosine(torch.ones(3, 4, dtype=torch.int32), torch.randn(3, 4))
+
+
+def test_one_array_under_two_masks(backend, device, assert_close):
+    """The analyses' call: image vs text rows of one (layer, token, hidden) array, picked by masks
+    (one kernel pass over both row sets), against the reference on the gathered rows."""
+    g = torch.Generator().manual_seed(1)
+    hidden = (torch.randn(7, 45, 67, generator=g) * 30).to(torch.float16)
+    image = torch.zeros(7, 45, dtype=torch.bool)
+    image[:, 3:38] = True
+    text = ~image
+    text[:, 44] = False  # padding
+    on = hidden.to(device)
+    got = mean_cosine(on, on, a_mask=image.to(device), b_mask=text.to(device), backend=backend)
+    expected = reference.mean_cosine(hidden[:, 3:38], torch.cat([hidden[:, :3], hidden[:, 38:44]], dim=1))
+    assert_close(got, expected, torch.float16)

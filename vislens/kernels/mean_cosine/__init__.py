@@ -40,10 +40,14 @@ def mean_cosine(
     """
     _check(a, b, a_mask, b_mask)
     name = resolve(backend, a, b, *_present(a_mask, b_mask))
-    same = b is a and b_mask is a_mask  # e.g. image-image: one pass
+    same = b is a and b_mask is a_mask
     a, b = a.detach(), b.detach()
-    ua = _unit_mean(a, a_mask, name)
-    ub = ua if same else _unit_mean(b, b_mask, name)
+    if same:  # e.g. image-image: one pass
+        ua = ub = _unit_mean(a, a_mask, name)
+    elif name != "torch" and _same_rows(a, b):  # e.g. image-text of one array: one kernel call
+        ua, ub = _unit_mean_pair(a, a_mask, b_mask, name)
+    else:
+        ua, ub = _unit_mean(a, a_mask, name), _unit_mean(b, b_mask, name)
     return (ua * ub).sum(-1)
 
 
@@ -83,6 +87,24 @@ def _unit_mean(x: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.T
     flat, offsets = _rows(x, mask)
     sums = load(__name__, name).unit_sums(flat, offsets, d)
     return (sums / (offsets >= 0).sum(-1, keepdim=True)).reshape(*lead, d)
+
+
+def _same_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b are the same rows of one storage (only their masks differ)."""
+    return a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == b.data_ptr() and a.dtype == b.dtype
+
+
+def _unit_mean_pair(
+    x: torch.Tensor, mask_a: torch.Tensor | None, mask_b: torch.Tensor | None, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_unit_mean` of x under two masks in one kernel call (one parallel pass over both row sets)."""
+    *lead, m, d = x.shape
+    flat, offsets_a = _rows(x, mask_a)
+    _, offsets_b = _rows(x, mask_b)
+    offsets = torch.stack([offsets_a, offsets_b], dim=1).reshape(-1, m)  # interleaved: balanced threads
+    sums = load(__name__, name).unit_sums(flat, offsets, d) / (offsets >= 0).sum(-1, keepdim=True)
+    sums = sums.reshape(-1, 2, d)
+    return sums[:, 0].reshape(*lead, d), sums[:, 1].reshape(*lead, d)
 
 
 def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
