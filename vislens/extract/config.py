@@ -39,7 +39,7 @@ class ExtractConfig:
     attention: str = "text"
     keep_bits: int | None = None
     block: int = 64
-    clevel: int = 3
+    clevel: int = 1
     shard: tuple[int, int] = (0, 1)
     overwrite: bool = False
     strict: bool = False

@@ -6,11 +6,15 @@ documents; it knows nothing about models or analyses.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import posixpath
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
+
+from zarr.storage import LocalStore
 
 from vislens.errors import StoreFormatError
 
@@ -51,11 +55,15 @@ class StoreLocation:
         return any(p in LOCAL_PROTOCOLS for p in protocols)
 
     def zarr_store(self, *, read_only: bool) -> Any:
-        """A zarr v3 store object on this location (atomic file writes when local)."""
-        from zarr.storage import FsspecStore, LocalStore
+        """A zarr v3 store object on this location.
+
+        Local folders get atomic, durable writes (temporary file, fsync, rename), so data that
+        a later write depends on (a sample's arrays before its ``done`` flag) is on disk first.
+        """
+        from zarr.storage import FsspecStore
 
         if self.is_local:
-            return LocalStore(self.path, read_only=read_only)
+            return DurableLocalStore(self.path, read_only=read_only)
         return FsspecStore.from_url(self.url, storage_options=self.storage_options, read_only=read_only)
 
     def key(self, *parts: str) -> str:
@@ -106,6 +114,25 @@ class StoreLocation:
         if self.exists():
             self.fs.rm(self.path, recursive=True)
         self.fs.invalidate_cache()
+
+
+def _fsync(path: str) -> None:
+    """Flush a file and its folder entry to the disk."""
+    for target, flags in ((path, os.O_RDONLY), (os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)):
+        fd = os.open(target, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class DurableLocalStore(LocalStore):
+    """zarr's LocalStore (atomic writes) plus an fsync of every written file before ``set`` returns."""
+
+    async def set(self, key: str, value: Any) -> None:
+        """Write ``key`` atomically and durably."""
+        await super().set(key, value)
+        await asyncio.to_thread(_fsync, os.path.join(str(self.root), key))
 
 
 def _require(module: str, hint: str) -> None:

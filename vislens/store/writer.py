@@ -44,7 +44,8 @@ class StoreWriter:
         for group in ("activations", "attention"):
             if group in self.root:
                 for name, array in self.root[group].arrays():
-                    self.arrays[name] = array
+                    # samples are written whole: skip zarr's costly "is this chunk all fill?" scan
+                    self.arrays[name] = array.with_config({"write_empty_chunks": True})
         self.done = self.arrays["done"]
         self.block = int(self.root.attrs.get("vislens_block", 64))
         self.keep_bits = self.root.attrs.get("keep_bits")
