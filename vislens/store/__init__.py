@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vislens.store.create import CaptionData, LensData, StoreSpec, create_store
+from vislens.store.layers import read_layer
 from vislens.store.location import StoreLocation, as_location
 from vislens.store.reader import open_group, open_store
 from vislens.store.schema import DONE, FORMAT_VERSION, IMAGE, PADDING, PENDING, SKIPPED, TEXT, Layout
@@ -27,5 +28,6 @@ __all__ = [
     "open_group",
     "open_store",
     "prepare_store",
+    "read_layer",
     "shard_blocks",
 ]
