@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from safetensors import safe_open
 from vislens.store import (
     CaptionData,
     Layout,
+    PipelinedWriter,
     StoreSpec,
     StoreWriter,
     as_location,
@@ -273,10 +273,11 @@ class HDF5(Candidate):
 
 
 class Vislens(Candidate):
-    """The vislens store as `vislens extract` writes it: `prepare_store`, then `StoreWriter.write_sample`.
+    """The vislens store as `vislens extract` writes it: `prepare_store`, then a `PipelinedWriter`
+    (big arrays of consecutive samples on two threads, done flags in order).
 
-    Durable as it writes (each file fsync'd with its folder before `write_sample` returns), so
-    `write` adds no fsync of its own.
+    Durable as it writes (each file fsync'd with its folder before the write returns), so `write`
+    adds no fsync of its own.
     """
 
     def __init__(
@@ -304,19 +305,16 @@ class Vislens(Candidate):
         self.writer = prepare_store(as_location(str(self.folder)), self.spec())
 
     def write(self, data: list[np.ndarray]) -> None:
-        for i, x in enumerate(data):
-            self.writer.write_sample(i, {"hidden": x})
+        self.write_background(lambda i: data[i])
 
     def write_background(self, make: Callable[[int], np.ndarray]) -> None:
-        """The extraction's pattern: generate sample i + 1 while one thread writes sample i (depth 2)."""
-        with ThreadPoolExecutor(1, thread_name_prefix="vislens-writer") as pool:
-            pending = []
+        """The extraction's pattern: generate sample i + 1 while the writer's threads write earlier ones."""
+        pipeline = PipelinedWriter(self.writer)
+        try:
             for i in range(self.n):
-                pending.append(pool.submit(self.writer.write_sample, i, {"hidden": make(i)}))
-                while len(pending) > 2:
-                    pending.pop(0).result()
-            for future in pending:
-                future.result()
+                pipeline.write_sample(i, {"hidden": make(i)})
+        finally:
+            pipeline.close()
 
     def readers(self) -> list[Reader]:
         def open_xarray() -> Any:

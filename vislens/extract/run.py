@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ from vislens.extract.plan import Sample, make_plan, query_capacity
 from vislens.store import schema
 from vislens.store.create import CaptionData, LensData, StoreSpec
 from vislens.store.location import as_location
-from vislens.store.writer import StoreWriter, prepare_store, shard_blocks
+from vislens.store.writer import PipelinedWriter, prepare_store, shard_blocks
 
 log = logging.getLogger("vislens.extract")
 
@@ -151,31 +151,6 @@ def _store_spec(config: ExtractConfig, loaded: LoadedModel, data: DataSet, plan:
     )
 
 
-class _BackgroundWriter:
-    """Writes samples on one thread while the model computes the next batch."""
-
-    def __init__(self, writer: StoreWriter, depth: int = 2) -> None:
-        self.writer, self.depth = writer, depth
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vislens-writer")
-        self.pending: list[Future] = []
-
-    def submit(self, fn: Any, *args: Any) -> None:
-        self.pending.append(self.pool.submit(fn, *args))
-        while len(self.pending) > self.depth:
-            self.pending.pop(0).result()
-
-    def close(self, *, quiet: bool = False) -> None:
-        """Wait for every write; ``quiet`` drops their errors (one is already being raised)."""
-        try:
-            for future in self.pending:
-                if quiet:
-                    future.exception()
-                else:
-                    future.result()
-        finally:
-            self.pool.shutdown(wait=True)
-
-
 def _query_positions(modality: torch.Tensor, n_tokens: torch.Tensor, mode: str, capacity: int) -> torch.Tensor:
     out = torch.full((modality.shape[0], capacity), -1, dtype=torch.long)
     for b in range(modality.shape[0]):
@@ -288,7 +263,7 @@ def extract(config: ExtractConfig, *, loaded: LoadedModel | None = None) -> Extr
     todo = writer.pending(config.shard)
     owned = len(shard_blocks(len(plan), spec.layout.block, config.shard))
     result = ExtractResult(location.url, len(plan), already_done=owned - len(todo))
-    background = _BackgroundWriter(writer)
+    background = PipelinedWriter(writer)
     batches = [
         [plan[i] for i in todo[first : first + config.batch_size]] for first in range(0, len(todo), config.batch_size)
     ]
@@ -306,13 +281,13 @@ def extract(config: ExtractConfig, *, loaded: LoadedModel | None = None) -> Extr
                         if config.strict:
                             raise image
                         result.skipped[sample.record.id] = str(image)
-                        background.submit(writer.mark_skipped, sample.index)
+                        background.mark_skipped(sample.index)
                     else:
                         ready.append(sample)
                         images.append(image)
                 if ready:
                     for sample, arrays in zip(ready, _run_batch(loaded, config, ready, images, spec.layout.n_query)):
-                        background.submit(writer.write_sample, sample.index, arrays)
+                        background.write_sample(sample.index, arrays)
                         result.written += 1
                 bar.update(len(batch))
     except BaseException:

@@ -7,7 +7,7 @@ from vislens.store.layers import read_layer
 from vislens.store.location import StoreLocation, as_location
 from vislens.store.reader import open_group, open_store
 from vislens.store.schema import DONE, FORMAT_VERSION, IMAGE, PADDING, PENDING, SKIPPED, TEXT, Layout
-from vislens.store.writer import StoreWriter, prepare_store, shard_blocks
+from vislens.store.writer import PipelinedWriter, StoreWriter, prepare_store, shard_blocks
 
 __all__ = [
     "CaptionData",
@@ -15,6 +15,7 @@ __all__ = [
     "FORMAT_VERSION",
     "IMAGE",
     "Layout",
+    "PipelinedWriter",
     "LensData",
     "PADDING",
     "PENDING",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -72,18 +73,80 @@ class StoreWriter:
         DiskFullError
             When the disk fills; samples already marked done are intact.
         """
+        self.write_arrays(index, arrays)
+        self.mark_done(index)
+
+    def write_arrays(self, index: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write some of one sample's arrays (its done flag is left alone)."""
         with _disk_full_guard(self.location, index):
             for name, value in arrays.items():
                 target = self.arrays[name]
                 if name == "hidden" and self.keep_bits is not None:
                     value = keep_mantissa_bits(value, int(self.keep_bits))
                 target[index] = _pad(np.asarray(value), target.shape[1:], target.fill_value, name)
+
+    def mark_done(self, index: int) -> None:
+        """Flag a sample finished; call only once all its arrays are written."""
+        with _disk_full_guard(self.location, index):
             self.done[index] = schema.DONE
 
     def mark_skipped(self, index: int) -> None:
         """Flag a sample whose input could not be read."""
         with _disk_full_guard(self.location, index):
             self.done[index] = schema.SKIPPED
+
+
+SAMPLE_FILES = frozenset({"hidden", "attn", "value_gram"})
+"""Arrays with one file (shard) per sample: writes of different samples never touch one file."""
+
+
+class PipelinedWriter:
+    """Writes samples on background threads, in the order of a crash-safe store.
+
+    The one-file-per-sample arrays of consecutive samples are compressed and written on
+    ``workers`` threads at once (Blosc and the disk release the GIL); the small arrays, whose
+    files hold blocks of samples, and the ``done`` flag are written on one thread, in order, each
+    only after that sample's big arrays are on disk. At most ``depth`` samples wait in memory.
+    """
+
+    def __init__(self, writer: StoreWriter, *, workers: int = 2, depth: int = 3) -> None:
+        self.writer, self.depth = writer, depth
+        self.big = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vislens-write")
+        self.ordered = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vislens-done")
+        self.pending: list[Future] = []
+
+    def write_sample(self, index: int, arrays: dict[str, np.ndarray]) -> None:
+        """Queue a sample (blocks while ``depth`` samples are already waiting)."""
+        big = self.big.submit(self.writer.write_arrays, index, {k: v for k, v in arrays.items() if k in SAMPLE_FILES})
+        small = {k: v for k, v in arrays.items() if k not in SAMPLE_FILES}
+
+        def finish() -> None:
+            big.result()
+            self.writer.write_arrays(index, small)
+            self.writer.mark_done(index)
+
+        self._queue(self.ordered.submit(finish))
+
+    def mark_skipped(self, index: int) -> None:
+        """Queue a skipped flag (in order with the done flags)."""
+        self._queue(self.ordered.submit(self.writer.mark_skipped, index))
+
+    def _queue(self, future: Future) -> None:
+        self.pending.append(future)
+        while len(self.pending) > self.depth:
+            self.pending.pop(0).result()
+
+    def close(self, *, quiet: bool = False) -> None:
+        """Wait for every queued write; ``quiet`` drops their errors (one is already being raised)."""
+        try:
+            for future in self.pending:
+                if quiet:
+                    future.exception()
+                else:
+                    future.result()
+        finally:
+            self.big.shutdown(wait=True)
+            self.ordered.shutdown(wait=True)
 
 
 def _pad(value: np.ndarray, shape: tuple[int, ...], fill: Any, name: str) -> np.ndarray:
@@ -212,4 +275,12 @@ def _wait_ready(location: StoreLocation, spec: StoreSpec, wait_s: float) -> Stor
     )
 
 
-__all__ = ["StoreWriter", "existing_root", "prepare_store", "read_root", "shard_blocks", "STATUS_CREATING"]
+__all__ = [
+    "PipelinedWriter",
+    "StoreWriter",
+    "existing_root",
+    "prepare_store",
+    "read_root",
+    "shard_blocks",
+    "STATUS_CREATING",
+]
