@@ -1,5 +1,5 @@
 """Remote stores: the same extraction written to S3 (a real S3 API server on loopback) and
-memory://, and read back from S3, memory:// and plain HTTP, equal to the local store."""
+memory://, and read back from S3, memory://, plain HTTP and HTTPS (a self-signed certificate made here), equal to the local store."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import http.server
 import io
 import os
 import shutil
+import ssl
 import threading
 
 import boto3
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from moto.server import ThreadedMotoServer
 
+from tests.helpers import self_signed_certificate
 from tests.store.conftest import extract_config
 from vislens.analyze import cosine
 from vislens.extract import extract
@@ -61,15 +63,33 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         return io.BytesIO(data[start : end + 1])
 
 
+def _serve(root, tls: ssl.SSLContext | None = None):
+    handler = functools.partial(RangeHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 @pytest.fixture(scope="module")
 def http_root(tmp_path_factory):
     """A plain HTTP server on 127.0.0.1 serving a folder; yields (folder, base URL)."""
     root = tmp_path_factory.mktemp("www")
-    handler = functools.partial(RangeHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = _serve(root)
     yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def https_root(tmp_path_factory):
+    """An HTTPS server on 127.0.0.1 with a self-signed certificate; yields (folder, URL, CA file)."""
+    root = tmp_path_factory.mktemp("www-tls")
+    cert, key = self_signed_certificate(tmp_path_factory.mktemp("tls"), "127.0.0.1")
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    server = _serve(root, tls)
+    yield root, f"https://127.0.0.1:{server.server_address[1]}", cert
     server.shutdown()
 
 
@@ -111,6 +131,17 @@ def test_read_only_http(http_root, store_path):
     shutil.copytree(store_path, root / "s.zarr")
     tree = open_store(f"{base}/s.zarr")
     _assert_same(tree, open_store(str(store_path)))
+
+
+def test_read_only_https(https_root, store_path):
+    root, base, ca_file = https_root
+    shutil.copytree(store_path, root / "s.zarr")
+    trusted = {"ssl": ssl.create_default_context(cafile=str(ca_file))}
+    tree = open_store(f"{base}/s.zarr", storage_options=trusted)
+    _assert_same(tree, open_store(str(store_path)))
+    # a certificate nobody vouched for is refused, not silently accepted
+    with pytest.raises(Exception, match="(?i)certificate"):
+        open_store(f"{base}/s.zarr")
 
 
 def test_file_url(store_path):

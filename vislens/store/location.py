@@ -32,8 +32,11 @@ class StoreLocation:
     def _fs_path(self) -> tuple[Any, str]:
         from fsspec.core import url_to_fs
 
-        if "://" in self.url and self.url.split("://", 1)[0] in ("s3", "s3a"):
+        scheme = self.url.split("://", 1)[0] if "://" in self.url else ""
+        if scheme in ("s3", "s3a"):
             _require("s3fs", "s3:// stores need s3fs: pip install 'vislens[s3]'")
+        if scheme in ("http", "https"):
+            _require("aiohttp", f"{scheme}:// stores need aiohttp: pip install 'vislens[http]'")
         fs, path = url_to_fs(self.url, **self.storage_options)
         return fs, path.rstrip("/")
 
