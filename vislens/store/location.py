@@ -119,23 +119,36 @@ class StoreLocation:
         self.fs.invalidate_cache()
 
 
-def _fsync(path: str) -> None:
-    """Flush a file and its folder entry to the disk."""
-    for target, flags in ((path, os.O_RDONLY), (os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)):
-        fd = os.open(target, flags)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def _fsync(path: str, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_durably(path: str, root: str, durable_dirs: set[str]) -> None:
+    """Flush a file, its folder entry, and the entries of any folders above it up to ``root``
+    that this store has not made durable yet (zarr creates chunk folders on first write)."""
+    _fsync(path)
+    folder = os.path.dirname(path)
+    _fsync(folder, os.O_RDONLY | os.O_DIRECTORY)
+    while folder != root and folder.startswith(root) and folder not in durable_dirs:
+        _fsync(os.path.dirname(folder), os.O_RDONLY | os.O_DIRECTORY)  # the entry naming `folder`
+        durable_dirs.add(folder)
+        folder = os.path.dirname(folder)
 
 
 class DurableLocalStore(LocalStore):
-    """zarr's LocalStore (atomic writes) plus an fsync of every written file before ``set`` returns."""
+    """zarr's LocalStore (atomic writes) plus an fsync of every written file, and of the folder
+    entries leading to it, before ``set`` returns."""
 
     async def set(self, key: str, value: Any) -> None:
         """Write ``key`` atomically and durably."""
         await super().set(key, value)
-        await asyncio.to_thread(_fsync, os.path.join(str(self.root), key))
+        durable_dirs = self.__dict__.setdefault("_durable_dirs", set())
+        root = os.path.abspath(str(self.root))
+        await asyncio.to_thread(_fsync_durably, os.path.join(root, key), root, durable_dirs)
 
 
 def _require(module: str, hint: str) -> None:

@@ -1,0 +1,42 @@
+"""Local stores make every write durable: the file, its folder, and new folders above it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from zarr.core.buffer import default_buffer_prototype
+
+from vislens.store.location import DurableLocalStore
+
+
+def _record_fsyncs(monkeypatch) -> list[str]:
+    """Every path os.fsync is called on (the real fsync still runs)."""
+    seen, real = [], os.fsync
+
+    def fsync(fd):
+        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return seen
+
+
+def _set(store, key, data: bytes) -> None:
+    asyncio.run(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+
+
+def test_new_folders_are_made_durable_once(tmp_path, monkeypatch):
+    root = tmp_path / "s.zarr"
+    root.mkdir()
+    store = DurableLocalStore(str(root))
+    seen = _record_fsyncs(monkeypatch)
+    _set(store, "activations/hidden/c/0/0", b"one")
+    assert (root / "activations/hidden/c/0/0").read_bytes() == b"one"
+    expected = [root / "activations/hidden/c/0/0", root / "activations/hidden/c/0"]
+    expected += [root / "activations/hidden/c", root / "activations/hidden", root / "activations", root]
+    assert seen == [str(p) for p in expected]
+
+    seen.clear()
+    _set(store, "activations/hidden/c/0/1", b"two")  # its folders are already durable
+    assert seen == [str(root / "activations/hidden/c/0/1"), str(root / "activations/hidden/c/0")]
