@@ -1,4 +1,5 @@
-"""Local stores make every write durable: the file, its folder, and new folders above it."""
+"""Local stores make every write durable: the file (before its rename), its folder, and new
+folders above it."""
 
 from __future__ import annotations
 
@@ -33,10 +34,21 @@ def test_new_folders_are_made_durable_once(tmp_path, monkeypatch):
     seen = _record_fsyncs(monkeypatch)
     _set(store, "activations/hidden/c/0/0", b"one")
     assert (root / "activations/hidden/c/0/0").read_bytes() == b"one"
+    assert seen[0].startswith(str(root / "activations/hidden/c/0/0.")) and seen[0].endswith(".partial")
+    seen[0] = str(root / "activations/hidden/c/0/0")  # the temporary file, flushed before its rename
     expected = [root / "activations/hidden/c/0/0", root / "activations/hidden/c/0"]
     expected += [root / "activations/hidden/c", root / "activations/hidden", root / "activations", root]
     assert seen == [str(p) for p in expected]
 
     seen.clear()
     _set(store, "activations/hidden/c/0/1", b"two")  # its folders are already durable
-    assert seen == [str(root / "activations/hidden/c/0/1"), str(root / "activations/hidden/c/0")]
+    assert seen[1:] == [str(root / "activations/hidden/c/0")]
+    assert sorted(p.name for p in (root / "activations/hidden/c/0").iterdir()) == ["0", "1"]  # no temporaries
+
+
+def test_exclusive_write_keeps_the_first(tmp_path):
+    store = DurableLocalStore(str(tmp_path))
+    _set(store, "zarr.json", b"first")
+    asyncio.run(store.set_if_not_exists("zarr.json", default_buffer_prototype().buffer.from_bytes(b"second")))
+    assert (tmp_path / "zarr.json").read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["zarr.json"]

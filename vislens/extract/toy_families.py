@@ -23,6 +23,7 @@ from typing import Any
 
 from vislens.errors import ConfigError
 from vislens.extract.datasets.synthetic import caption_corpus
+from vislens.extract.toy_model import text_config_kwargs
 
 FAMILIES = ("llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3")
 HIDDEN = 64
@@ -51,18 +52,7 @@ IDEFICS3_CHAT_TEMPLATE = (
 
 
 def _text_config(tokenizer: Any, layers: int) -> dict[str, Any]:
-    return dict(
-        vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    return text_config_kwargs(tokenizer, HIDDEN, 2 * HIDDEN, layers, heads=4, kv_heads=2)
 
 
 def byte_level_tokenizer(vocab_size: int, special: list[str], extra_text: list[str], **kwargs: Any) -> Any:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vislens.extract.datasets.synthetic import caption_corpus
-from vislens.extract.toy_model import build_toy_tokenizer
+from vislens.extract.toy_model import build_toy_tokenizer, text_config_kwargs
 
 QFORMER_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -125,16 +125,7 @@ def build_toy_instructblip(path: Path, spec: ToyInstructBlipSpec = ToyInstructBl
         pad_token_id=qformer_tokenizer.pad_token_id,
     )
     text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden,
-        intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **text_config_kwargs(tokenizer, spec.hidden, spec.intermediate, spec.layers, spec.heads, spec.kv_heads)
     )
     config = InstructBlipConfig(
         vision_config=vision,

@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from vislens.errors import ConfigError
 from vislens.extract.datasets.synthetic import caption_corpus
@@ -137,6 +138,24 @@ def build_toy_tokenizer(vocab_size: int):
     )
 
 
+def text_config_kwargs(
+    tokenizer: Any, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int
+) -> dict[str, Any]:
+    """The language model of every toy checkpoint (Llama-style config keywords), sized by the arguments."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def build_toy_model(path: Path, spec: ToySpec = ToySpec()) -> Path:
     """Write a tiny LLaVA checkpoint (model, tokenizer, processor) to ``path``."""
     import torch
@@ -150,7 +169,6 @@ def build_toy_model(path: Path, spec: ToySpec = ToySpec()) -> Path:
     )
 
     tokenizer = build_toy_tokenizer(spec.vocab)
-    vocab = len(tokenizer)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_hidden,
@@ -161,16 +179,7 @@ def build_toy_model(path: Path, spec: ToySpec = ToySpec()) -> Path:
         patch_size=spec.patch_size,
     )
     text = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=spec.hidden,
-        intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **text_config_kwargs(tokenizer, spec.hidden, spec.intermediate, spec.layers, spec.heads, spec.kv_heads)
     )
     config = LlavaConfig(
         vision_config=vision,

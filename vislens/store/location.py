@@ -7,13 +7,16 @@ documents; it knows nothing about models or analyses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import posixpath
+import uuid
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore
 
 from vislens.errors import StoreFormatError
@@ -127,11 +130,27 @@ def _fsync(path: str, flags: int = os.O_RDONLY) -> None:
         os.close(fd)
 
 
-def _fsync_durably(path: str, root: str, durable_dirs: set[str]) -> None:
-    """Flush a file, its folder entry, and the entries of any folders above it up to ``root``
-    that this store has not made durable yet (zarr creates chunk folders on first write)."""
-    _fsync(path)
+def _durable_put(path: str, data: Any, root: str, durable_dirs: set[str], exclusive: bool) -> None:
+    """Write ``path`` atomically and durably: a temporary file, flushed to the disk, renamed into
+    place; then its folder, and any folder above it up to ``root`` that this store has not made
+    durable yet (zarr creates chunk folders on first write)."""
     folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex}.partial"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if exclusive:
+            os.link(tmp, path)  # FileExistsError if someone was first
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     _fsync(folder, os.O_RDONLY | os.O_DIRECTORY)
     while folder != root and folder.startswith(root) and folder not in durable_dirs:
         _fsync(os.path.dirname(folder), os.O_RDONLY | os.O_DIRECTORY)  # the entry naming `folder`
@@ -140,15 +159,19 @@ def _fsync_durably(path: str, root: str, durable_dirs: set[str]) -> None:
 
 
 class DurableLocalStore(LocalStore):
-    """zarr's LocalStore (atomic writes) plus an fsync of every written file, and of the folder
-    entries leading to it, before ``set`` returns."""
+    """zarr's LocalStore with durable atomic writes: every file is on the disk, under its final
+    name, with the folder entries leading to it, before ``set`` returns."""
 
-    async def set(self, key: str, value: Any) -> None:
-        """Write ``key`` atomically and durably."""
-        await super().set(key, value)
+    async def _set(self, key: str, value: Any, exclusive: bool = False) -> None:
+        if not self._is_open:
+            await self._open()
+        self._check_writable()
+        if not isinstance(value, Buffer):
+            raise TypeError(f"DurableLocalStore.set(): value must be a zarr Buffer, got {type(value)}")
         durable_dirs = self.__dict__.setdefault("_durable_dirs", set())
         root = os.path.abspath(str(self.root))
-        await asyncio.to_thread(_fsync_durably, os.path.join(root, key), root, durable_dirs)
+        path = os.path.join(root, key)
+        await asyncio.to_thread(_durable_put, path, value.as_buffer_like(), root, durable_dirs, exclusive)
 
 
 def _require(module: str, hint: str) -> None:

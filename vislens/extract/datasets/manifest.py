@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from vislens.errors import DataError
-from vislens.extract.datasets.records import ImageRecord
+from vislens.extract.datasets.records import ImageRecord, json_objects
 
 
 def read_manifest(path: str | Path) -> list[ImageRecord]:
@@ -26,16 +25,7 @@ def read_manifest(path: str | Path) -> list[ImageRecord]:
         )
     records: list[ImageRecord] = []
     seen: set[str] = set()
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc.msg}); each line must be one object") from None
-        if not isinstance(item, dict):
-            raise DataError(f"{where}: expected a JSON object, found {type(item).__name__}")
+    for where, item in json_objects(path.read_text(encoding="utf-8"), path):
         for key in ("id", "image"):
             if not isinstance(item.get(key), str) or not item[key]:
                 raise DataError(f'{where}: missing "{key}" (a non-empty string); add it to the line')

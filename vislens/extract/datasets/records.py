@@ -1,8 +1,13 @@
-"""The one record type every data set loader yields."""
+"""The one record type every data set loader yields, and the JSON-lines reader they share."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
+
+from vislens.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -40,3 +45,24 @@ class DataSet:
             "source": self.source,
             "n_images": len(self.records),
         }
+
+
+def json_objects(text: str, source: object) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The JSON object on each non-blank line of ``text``, with ``"source:line"`` for errors.
+
+    Raises
+    ------
+    DataError
+        If a line is not JSON or not a JSON object.
+    """
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{source}:{lineno}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: not valid JSON ({exc.msg}); each line must be one object") from None
+        if not isinstance(item, dict):
+            raise DataError(f"{where}: expected a JSON object, found {type(item).__name__}")
+        yield where, item

@@ -21,7 +21,7 @@ from typing import Any
 
 from vislens.errors import DataError
 from vislens.extract.datasets.manifest import read_manifest
-from vislens.extract.datasets.records import ImageRecord
+from vislens.extract.datasets.records import ImageRecord, json_objects
 
 FIELDS = ("id", "image_0", "image_1", "caption_0", "caption_1")
 PAIR = tuple[ImageRecord, ImageRecord]
@@ -92,16 +92,7 @@ def _read_jsonl(path: Path, images: str | None) -> list[PAIR]:
     except UnicodeDecodeError:
         raise DataError(f"{path} is not a text file; expected Winoground's examples.jsonl") from None
     pairs: list[PAIR] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc.msg}); each line must be one object") from None
-        if not isinstance(item, dict):
-            raise DataError(f"{where}: expected a JSON object, found {type(item).__name__}")
+    for where, item in json_objects(text, path):
         for key in FIELDS:
             _field(item, key, where)
         pairs.append(
