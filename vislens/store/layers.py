@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import struct
-import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -28,14 +27,11 @@ import numcodecs.blosc
 import numpy as np
 import xarray as xr
 import zarr
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecIndexLocation
 
 from vislens.errors import ChecksumError, StoreFormatError
 from vislens.store.location import StoreLocation, as_location
 from vislens.store.reader import check_metadata, check_root, location_of
-
-EMPTY = 2**64 - 1
-"""Offset and length of an inner chunk that was never written (Zarr v3 sharding)."""
+from vislens.store.shards import EMPTY, is_sample_shard_layout, sample_shard_key
 
 
 def read_layer(
@@ -78,7 +74,7 @@ def read_layer(
         raise IndexError(f"{array} has {n_layers} layers (0 .. {n_layers - 1}); layer {layer} asked for")
     layer %= n_layers
     picked = _sample_indices(samples, n_samples, array)
-    if not (location.is_local and hasattr(os, "pread") and _fast_layout(arr)):
+    if not (location.is_local and hasattr(os, "pread") and is_sample_shard_layout(arr)):
         return np.asarray(arr.oindex[picked, layer])
     out = np.empty((len(picked), *arr.shape[2:]), dtype=arr.dtype)
     reader = _ShardReader(location, array, arr, layer)
@@ -102,24 +98,6 @@ def _sample_indices(samples: Any, n: int, array: str) -> np.ndarray:
     return picked % max(n, 1)
 
 
-def _fast_layout(arr: Any) -> bool:
-    """Whether ``arr`` is sharded as vislens writes per-sample arrays: bytes -> blosc -> crc32c."""
-    codecs = arr.metadata.codecs
-    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or sys.byteorder != "little":
-        return False
-    shard = codecs[0]
-    inner, index = [type(c) for c in shard.codecs], [type(c) for c in shard.index_codecs]
-    little = all(c.endian is None or c.endian.value == "little" for c in (shard.codecs[0], shard.index_codecs[0]))
-    return (
-        inner == [BytesCodec, BloscCodec, Crc32cCodec]
-        and index == [BytesCodec, Crc32cCodec]
-        and little
-        and shard.index_location == ShardingCodecIndexLocation.end
-        and tuple(arr.shards) == (1, *arr.shape[1:])
-        and tuple(shard.chunk_shape) == (1, 1, *arr.shape[2:])
-    )
-
-
 class _ShardReader:
     """Reads inner chunk ``layer`` of sample i's shard into a slot of the result."""
 
@@ -128,8 +106,7 @@ class _ShardReader:
         self.index_bytes = 16 * arr.shape[1] + 4  # (offset, nbytes) uint64 per layer, then crc32c
 
     def read(self, sample: int, out: np.ndarray) -> None:
-        key = self.arr.metadata.chunk_key_encoding.encode_chunk_key((sample,) + (0,) * (self.arr.ndim - 1))
-        path = self.location.key(self.array, key)
+        path = self.location.key(sample_shard_key(self.arr, sample))
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:

@@ -8,18 +8,23 @@ own whole blocks of samples, so they never write the same file.
 from __future__ import annotations
 
 import errno
+import functools
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.buffer import cpu
+from zarr.core.sync import sync
 
 from vislens.errors import DiskFullError, StoreExistsError, StoreFormatError, StoreMismatchError
 from vislens.store import schema
 from vislens.store.create import STATUS_CREATING, STATUS_READY, StoreSpec, create_store
 from vislens.store.location import StoreLocation
 from vislens.store.precision import keep_mantissa_bits
+from vislens.store.shards import encode_sample_shard, is_sample_shard_layout, sample_shard_key
 
 FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -31,6 +36,16 @@ def shard_blocks(n_samples: int, block: int, shard: tuple[int, int]) -> np.ndarr
         raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
     samples = np.arange(n_samples)
     return samples[(samples // block) % count == index]
+
+
+SAMPLE_FILES = frozenset({"hidden", "attn", "value_gram"})
+"""Arrays with one file (shard) per sample: writes of different samples never touch one file."""
+
+
+@functools.cache
+def _encoders() -> ThreadPoolExecutor:
+    """The threads that compress the layers of whole-shard writes (shared by every writer)."""
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="vislens-blosc")
 
 
 class StoreWriter:
@@ -50,6 +65,9 @@ class StoreWriter:
         self.done = self.arrays["done"]
         self.block = int(self.root.attrs.get("vislens_block", 64))
         self.keep_bits = self.root.attrs.get("keep_bits")
+        self.whole_shards = {
+            name for name in SAMPLE_FILES & self.arrays.keys() if is_sample_shard_layout(self.arrays[name])
+        }
 
     @property
     def n_samples(self) -> int:
@@ -83,7 +101,12 @@ class StoreWriter:
                 target = self.arrays[name]
                 if name == "hidden" and self.keep_bits is not None:
                     value = keep_mantissa_bits(value, int(self.keep_bits))
-                target[index] = _pad(np.asarray(value), target.shape[1:], target.fill_value, name)
+                value = _pad(np.asarray(value), target.shape[1:], target.fill_value, name)
+                if name in self.whole_shards:  # the same bytes as zarr writes, ~2.5x faster
+                    shard = encode_sample_shard(target, value, _encoders())
+                    sync(target.store_path.store.set(sample_shard_key(target, index), cpu.Buffer.from_bytes(shard)))
+                else:
+                    target[index] = value
 
     def mark_done(self, index: int) -> None:
         """Flag a sample finished; call only once all its arrays are written."""
@@ -94,10 +117,6 @@ class StoreWriter:
         """Flag a sample whose input could not be read."""
         with _disk_full_guard(self.location, index):
             self.done[index] = schema.SKIPPED
-
-
-SAMPLE_FILES = frozenset({"hidden", "attn", "value_gram"})
-"""Arrays with one file (shard) per sample: writes of different samples never touch one file."""
 
 
 class PipelinedWriter:
