@@ -267,12 +267,16 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=None, help="samples per candidate (default 8; 4 with --quick)")
     p.add_argument("--dir", type=Path, default=None, help="folder for the benchmark's files (default: a temp dir)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--repeats", type=int, default=None, help="write repetitions, interleaved (default 3; 1 with --quick)"
+    )
     p.add_argument("--evict", choices=("drop_caches", "fadvise"), default="drop_caches",
                    help="how reads are made cold: drop the whole page cache (root), or posix_fadvise the files")  # fmt: skip
     args = p.parse_args()
     shape = QUICK_SHAPE if args.quick else FULL_SHAPE
     n = args.samples or (4 if args.quick else 8)
     repeats, read_repeats = (1, 2) if args.quick else (3, 5)
+    repeats = args.repeats or repeats
     rng = np.random.default_rng(args.seed)
     profile = make_profile(rng, shape[0], shape[2])
     data = [make_sample(rng, profile, shape[1]) for _ in range(n)]
