@@ -45,6 +45,22 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
     assert err.startswith("vislens info: error: no zarr v3 store") and "Traceback" not in err
 
 
+def test_output_cut_short_by_a_pipe_is_no_error():
+    """`vislens info STORE | head` ends quietly, without a traceback."""
+    code = (
+        "import sys\n"
+        "from vislens.cli import main, store\n"
+        "store._cmd_info = lambda args: [print('x' * 99) for _ in range(20_000)]\n"
+        "sys.exit(main(['info', 'any.zarr']))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(100) == b"x" * 99 + b"\n"
+    proc.stdout.close()  # as `head` does
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 1
+    assert "Traceback" not in err and "Broken pipe" not in err
+
+
 def test_demo_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("VISLENS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
