@@ -1,4 +1,4 @@
-"""Whole-shard writes: `encode_sample_shard` writes the very bytes zarr writes."""
+"""Whole-shard writes: `encode_sample_shard` writes the very bytes zarr writes; indices are checked."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 import zarr
 
 from vislens.store.create import hidden_codecs, small_codecs
+from vislens.store.location import StoreLocation
 from vislens.store.shards import encode_sample_shard, is_sample_shard_layout, sample_shard_key
+from vislens.store.writer import StoreWriter
 
 
 def _array(root, name, shape, dtype, codecs, fill):
@@ -64,3 +66,16 @@ def test_wrong_shape_is_refused(tmp_path):
     arr = _array(tmp_path, "h", (2, 3, 4, 5), "float16", hidden_codecs(1), 0)
     with ThreadPoolExecutor(1) as pool, pytest.raises(ValueError, match=r"shape \(3, 4, 5\)"):
         encode_sample_shard(arr, np.zeros((3, 4, 6), np.float16), pool)
+
+
+def test_writer_checks_sample_indices(store_copy):
+    writer = StoreWriter(StoreLocation(str(store_copy)))
+    n = writer.n_samples
+    hidden = writer.arrays["hidden"]
+    sample = np.zeros(hidden.shape[1:], np.float16)
+    for bad in (n, -n - 1):
+        with pytest.raises(IndexError, match=f"outside the store's {n} samples"):
+            writer.write_arrays(bad, {"hidden": sample})
+    writer.write_arrays(-1, {"hidden": sample})  # counts from the end, as numpy and zarr do
+    assert (hidden[n - 1] == 0).all()
+    assert sorted(p.name for p in (store_copy / "activations/hidden/c").iterdir()) == sorted(map(str, range(n)))

@@ -122,6 +122,10 @@ class StoreLocation:
         self.fs.invalidate_cache()
 
 
+_DIRECTORY = getattr(os, "O_DIRECTORY", None)  # None on Windows, where folders cannot be fsync'd
+_KNOWN_DIRS = 4096  # folders remembered as durable per store; forgetting costs only repeated fsyncs
+
+
 def _fsync(path: str, flags: int = os.O_RDONLY) -> None:
     fd = os.open(path, flags)
     try:
@@ -130,10 +134,16 @@ def _fsync(path: str, flags: int = os.O_RDONLY) -> None:
         os.close(fd)
 
 
+def _fsync_folder(path: str) -> None:
+    if _DIRECTORY is not None:
+        _fsync(path, os.O_RDONLY | _DIRECTORY)
+
+
 def _durable_put(path: str, data: Any, root: str, durable_dirs: set[str], exclusive: bool) -> None:
     """Write ``path`` atomically and durably: a temporary file, flushed to the disk, renamed into
-    place; then its folder, and any folder above it up to ``root`` that this store has not made
-    durable yet (zarr creates chunk folders on first write)."""
+    place; then its folder, and the entries of the folders above it, up to and including
+    ``root``, that this store has not made durable yet (zarr creates chunk folders on first
+    write)."""
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.{uuid.uuid4().hex}.partial"
@@ -151,27 +161,52 @@ def _durable_put(path: str, data: Any, root: str, durable_dirs: set[str], exclus
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync(folder, os.O_RDONLY | os.O_DIRECTORY)
-    while folder != root and folder.startswith(root) and folder not in durable_dirs:
-        _fsync(os.path.dirname(folder), os.O_RDONLY | os.O_DIRECTORY)  # the entry naming `folder`
-        durable_dirs.add(folder)
+    _fsync_folder(folder)
+    chain = []
+    while folder.startswith(root) and folder not in durable_dirs:
+        chain.append(folder)
         folder = os.path.dirname(folder)
+    for folder in chain:
+        _fsync_folder(os.path.dirname(folder))  # the entry naming `folder`
+    if len(durable_dirs) + len(chain) > _KNOWN_DIRS:
+        durable_dirs.clear()
+    durable_dirs.update(chain)  # only once the whole chain is on disk (other threads rely on it)
 
 
 class DurableLocalStore(LocalStore):
     """zarr's LocalStore with durable atomic writes: every file is on the disk, under its final
     name, with the folder entries leading to it, before ``set`` returns."""
 
-    async def _set(self, key: str, value: Any, exclusive: bool = False) -> None:
-        if not self._is_open:
-            await self._open()
+    @property
+    def _durable_dirs(self) -> set[str]:
+        return self.__dict__.setdefault("_durable_dir_set", set())
+
+    def _durable_args(self, key: str, value: Any) -> tuple[str, Any, str, set[str]]:
         self._check_writable()
         if not isinstance(value, Buffer):
             raise TypeError(f"DurableLocalStore.set(): value must be a zarr Buffer, got {type(value)}")
-        durable_dirs = self.__dict__.setdefault("_durable_dirs", set())
         root = os.path.abspath(str(self.root))
-        path = os.path.join(root, key)
-        await asyncio.to_thread(_durable_put, path, value.as_buffer_like(), root, durable_dirs, exclusive)
+        return os.path.join(root, key), value.as_buffer_like(), root, self._durable_dirs
+
+    async def _set(self, key: str, value: Any, exclusive: bool = False) -> None:
+        if not self._is_open:
+            await self._open()
+        await asyncio.to_thread(_durable_put, *self._durable_args(key, value), exclusive)
+
+    def set_sync(self, key: str, value: Any) -> None:
+        """Write ``key`` atomically and durably (zarr's synchronous path)."""
+        self._ensure_open_sync()
+        _durable_put(*self._durable_args(key, value), False)
+
+    async def delete_dir(self, prefix: str) -> None:
+        """Delete a folder; folders made again later are made durable again."""
+        self._durable_dirs.clear()
+        await super().delete_dir(prefix)
+
+    async def clear(self) -> None:
+        """Delete everything in the store."""
+        self._durable_dirs.clear()
+        await super().clear()
 
 
 def _require(module: str, hint: str) -> None:

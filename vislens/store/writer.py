@@ -45,7 +45,8 @@ SAMPLE_FILES = frozenset({"hidden", "attn", "value_gram"})
 @functools.cache
 def _encoders() -> ThreadPoolExecutor:
     """The threads that compress the layers of whole-shard writes (shared by every writer)."""
-    return ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="vislens-blosc")
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return ThreadPoolExecutor(max_workers=usable or 2, thread_name_prefix="vislens-blosc")
 
 
 class StoreWriter:
@@ -96,6 +97,7 @@ class StoreWriter:
 
     def write_arrays(self, index: int, arrays: dict[str, np.ndarray]) -> None:
         """Write some of one sample's arrays (its done flag is left alone)."""
+        index = self._checked(index)
         with _disk_full_guard(self.location, index):
             for name, value in arrays.items():
                 target = self.arrays[name]
@@ -107,6 +109,11 @@ class StoreWriter:
                     sync(target.store_path.store.set(sample_shard_key(target, index), cpu.Buffer.from_bytes(shard)))
                 else:
                     target[index] = value
+
+    def _checked(self, index: int) -> int:
+        if not -self.n_samples <= index < self.n_samples:
+            raise IndexError(f"sample {index} is outside the store's {self.n_samples} samples")
+        return int(index) % self.n_samples
 
     def mark_done(self, index: int) -> None:
         """Flag a sample finished; call only once all its arrays are written."""
