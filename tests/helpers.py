@@ -112,3 +112,26 @@ def self_signed_certificate(folder: Path, ip: str) -> tuple[Path, Path]:
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return cert_path, key_path
+
+
+def extract_stores(models: dict, manifest: Path, root: Path, batches: tuple[tuple[int, str], ...], per_store: int):
+    """One store per (model key, batch size) with prompts normal, noisy and empty, extracted with
+    the given (batch size, attention) pairs; each must write ``per_store`` samples."""
+    from vislens.extract import ExtractConfig, extract
+
+    out = {}
+    for key, model in models.items():
+        for batch_size, attention in batches:
+            path = str(root / f"{key}-{batch_size}.zarr")
+            config = ExtractConfig(
+                model=str(model),
+                data=str(manifest),
+                out=path,
+                prompts=("normal", "noisy", "empty"),
+                batch_size=batch_size,
+                attention=attention,
+                progress=False,
+            )
+            assert extract(config).written == per_store
+            out[key, batch_size] = path
+    return out

@@ -23,7 +23,7 @@ from tests.ablate.conftest import LOSS_TOL, SHORT, pairs_of
 from tests.ablate.test_engine import _run
 from tests.analyze.test_cosine import brute_force as cosine_brute_force
 from tests.analyze.test_norm_attention import brute_force as norm_attention_brute_force
-from tests.helpers import assert_top1_matches, decoder_of, hidden_of, lm_outputs, run_reference
+from tests.helpers import assert_top1_matches, decoder_of, extract_stores, hidden_of, lm_outputs, run_reference
 from vislens.ablate import AblateConfig, ablate, naive_losses, shared_prefix_losses
 from vislens.analyze import cosine_per_sample
 from vislens.analyze.logit_lens import logit_lens_topk
@@ -80,22 +80,7 @@ def stores(models, sized_manifest, tmp_path_factory):
     """Per (family, batch size): 4 images x (normal, noisy, empty); batch 4 (two images of different
     sizes in each batch) also captures text-query attention."""
     root = tmp_path_factory.mktemp("family-stores")
-    out = {}
-    for family, model in models.items():
-        for batch_size, attention in ((1, "none"), (4, "text")):
-            path = str(root / f"{family}-{batch_size}.zarr")
-            config = ExtractConfig(
-                model=str(model),
-                data=str(sized_manifest),
-                out=path,
-                prompts=("normal", "noisy", "empty"),
-                batch_size=batch_size,
-                attention=attention,
-                progress=False,
-            )
-            assert extract(config).written == 3 * len(SIZES)
-            out[family, batch_size] = path
-    return out
+    return extract_stores(models, sized_manifest, root, ((1, "none"), (4, "text")), 3 * len(SIZES))
 
 
 @pytest.fixture(scope="module")

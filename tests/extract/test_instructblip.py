@@ -21,7 +21,7 @@ from tests.ablate.conftest import LOSS_TOL, SHORT, hf_token_losses, pairs_of
 from tests.ablate.test_engine import _run
 from tests.analyze.test_cosine import brute_force as cosine_brute_force
 from tests.analyze.test_norm_attention import brute_force as norm_attention_brute_force
-from tests.helpers import assert_top1_matches, decoder_of, hidden_of, load_reference, run_reference
+from tests.helpers import assert_top1_matches, decoder_of, extract_stores, hidden_of, load_reference, run_reference
 from vislens.ablate import AblateConfig, ablate, naive_losses, shared_prefix_losses
 from vislens.analyze import cosine_per_sample
 from vislens.analyze.logit_lens import logit_lens_topk
@@ -59,22 +59,7 @@ def refs(models):
 def stores(models, manifest, tmp_path_factory):
     """Per (arch, batch size): 6 images x (normal, noisy, empty); batch 3 also captures text-query attention."""
     root = tmp_path_factory.mktemp("instructblip-stores")
-    out = {}
-    for arch, model in models.items():
-        for batch_size, attention in ((1, "none"), (3, "text")):
-            path = str(root / f"{arch}-{batch_size}.zarr")
-            config = ExtractConfig(
-                model=str(model),
-                data=str(manifest),
-                out=path,
-                prompts=("normal", "noisy", "empty"),
-                batch_size=batch_size,
-                attention=attention,
-                progress=False,
-            )
-            assert extract(config).written == 18
-            out[arch, batch_size] = path
-    return out
+    return extract_stores(models, manifest, root, ((1, "none"), (3, "text")), 18)
 
 
 @pytest.fixture(scope="module")

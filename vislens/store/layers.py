@@ -77,7 +77,7 @@ def read_layer(
     if not (location.is_local and hasattr(os, "pread") and is_sample_shard_layout(arr)):
         return np.asarray(arr.oindex[picked, layer])
     out = np.empty((len(picked), *arr.shape[2:]), dtype=arr.dtype)
-    reader = _ShardReader(location, array, arr, layer)
+    reader = _ShardReader(location, arr, layer)
     with ThreadPoolExecutor(max(1, min(threads, len(picked)))) as pool:
         for _ in pool.map(reader.read, picked.tolist(), out):
             pass
@@ -101,8 +101,8 @@ def _sample_indices(samples: Any, n: int, array: str) -> np.ndarray:
 class _ShardReader:
     """Reads inner chunk ``layer`` of sample i's shard into a slot of the result."""
 
-    def __init__(self, location: StoreLocation, array: str, arr: Any, layer: int) -> None:
-        self.location, self.array, self.arr, self.layer = location, array, arr, layer
+    def __init__(self, location: StoreLocation, arr: Any, layer: int) -> None:
+        self.location, self.arr, self.layer = location, arr, layer
         self.index_bytes = 16 * arr.shape[1] + 4  # (offset, nbytes) uint64 per layer, then crc32c
 
     def read(self, sample: int, out: np.ndarray) -> None:
