@@ -73,7 +73,7 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     assert proc.returncode == 0, proc.stderr
     assert "12 samples written" in proc.stdout and "demo finished" in proc.stdout
     acts = xr.open_zarr(out / "store.zarr", group="activations")
-    assert acts["hidden"].dims == ("sample", "layer", "token", "hidden")
+    assert acts["hidden"].dims == ("sample", "layer", "token", "d_model")
     table = pd.read_csv(out / "cosine.csv")
     assert {"layer", "inter_modal", "prompt_kind"} <= set(table.columns)
     assert sorted(table.prompt_kind.unique()) == ["empty", "noisy", "normal"]

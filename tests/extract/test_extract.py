@@ -55,11 +55,17 @@ def test_hidden_states_equal_the_models_own(toy_models, manifest, tmp_path, arch
 def test_store_opens_with_plain_xarray(toy_models, manifest, tmp_path):
     _extract(toy_models["gqa"], manifest, tmp_path / "s.zarr", limit=2)
     ds = xr.open_zarr(tmp_path / "s.zarr", group="activations", consolidated=False)
-    assert ds["hidden"].dims == ("sample", "layer", "token", "hidden")
+    assert ds["hidden"].dims == ("sample", "layer", "token", "d_model")
+    assert "hidden" in ds.data_vars  # no variable is named like its own dimension
     assert ds["hidden"].dtype == np.float16
+    assert "hidden" in ds[["hidden", "n_tokens"]].mean("sample").data_vars
     assert ds["modality"].attrs["flag_meanings"] == "padding image text"
+    assert ds["token_role"].attrs["flag_meanings"] == "padding image instruction template bos"
     root = xr.open_zarr(tmp_path / "s.zarr", consolidated=False)
-    assert root.attrs["vislens_format_version"] == 1
+    assert root.attrs["vislens_format_version"] == 2
+    for name in ("activations", "lens", "captions"):  # (attention: tests/store/test_format.py)
+        group = xr.open_zarr(tmp_path / "s.zarr", group=name, consolidated=False)
+        assert not set(group.data_vars) & set(group.dims), name
 
 
 def test_missing_image_is_skipped_and_counted(toy_models, manifest, write_manifest, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -82,12 +83,60 @@ def as_text(array: xr.DataArray) -> xr.DataArray:
     return array.copy(data=np.array(values.tolist(), dtype=str).reshape(values.shape))
 
 
+BY = ("kind", "prompt")
+"""How per-sample results are averaged: per prompt kind, or per single prompt (kind and id)."""
+
+PROMPT_COORDS = ("prompt_kind", "prompt_id", "prompt_text", "image_id")
+
+
+def sample_coords(acts: xr.Dataset) -> dict[str, xr.DataArray]:
+    """Per-sample labels every analysis keeps: prompt kind, prompt id and text, image id."""
+    return {name: as_text(acts[name]) for name in PROMPT_COORDS if name in acts}
+
+
+def group_key(per_sample: xr.Dataset, by: str) -> xr.DataArray:
+    """The grouping key of each sample: ``prompt_kind``, or ``prompt`` = ``kind:id``."""
+    if by not in BY:
+        raise ValueError(f"by must be one of {BY}, got {by!r}")
+    kinds = np.asarray(per_sample["prompt_kind"].values).astype(str)
+    if by == "kind":
+        return xr.DataArray(kinds, dims="sample", name="prompt_kind")
+    ids = np.asarray(per_sample["prompt_id"].values).astype(str)
+    return xr.DataArray(np.char.add(np.char.add(kinds, ":"), ids), dims="sample", name="prompt")
+
+
+def mean_by(per_sample: xr.Dataset, by: str = "kind") -> xr.Dataset:
+    """Mean over samples of every (sample, ...) variable, per prompt kind or per prompt.
+
+    ``by="kind"`` gives dims (prompt_kind, ...); ``by="prompt"`` gives dims (prompt, ...) with
+    coordinates ``prompt_kind``, ``prompt_id`` and ``prompt_text`` along ``prompt`` (the key is
+    ``kind:id``). NaN values (a sample without the tokens a statistic needs) are left out of
+    the mean; ``n_samples`` counts every sample of the group.
+    """
+    key = group_key(per_sample, by)
+    data = per_sample.drop_vars([c for c in PROMPT_COORDS if c in per_sample.coords])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Mean of empty slice", category=RuntimeWarning)
+        means = data.groupby(key).mean("sample")
+    ones = xr.DataArray(np.ones(key.size, dtype=np.int64), dims="sample")
+    means["n_samples"] = ones.groupby(key).sum("sample")
+    if by == "prompt":
+        first = {k: i for i, k in reversed(list(enumerate(key.values)))}
+        rows = [first[k] for k in means["prompt"].values]
+        for name in ("prompt_kind", "prompt_id", "prompt_text"):
+            means = means.assign_coords({name: ("prompt", np.asarray(per_sample[name].values).astype(str)[rows])})
+    means.attrs.update(per_sample.attrs)
+    means.attrs["averaged_by"] = by
+    return means
+
+
 def long_table(
     stores: list[StoreLike], analysis: Callable[[xr.DataTree], xr.Dataset], values: list[str]
 ) -> pd.DataFrame:
-    """One row per (store, prompt kind, layer): ``analysis(tree)`` of every store, stacked.
+    """One row per (store, prompt kind or prompt, layer): ``analysis(tree)`` of every store, stacked.
 
-    Columns: store, model, prompt_kind, layer, then ``values``.
+    Columns: store, model, prompt_kind, [prompt_id, prompt_text,] layer, then ``values`` (the
+    prompt columns when the analysis averaged by prompt).
     """
     frames = []
     for store in stores:
@@ -97,5 +146,8 @@ def long_table(
         frame.insert(0, "store", label(store) or label(tree))
         frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
-    columns = ["store", "model", "prompt_kind", "layer", *values]
-    return table[columns].sort_values(["store", "prompt_kind", "layer"], kind="stable").reset_index(drop=True)
+    by_prompt = "prompt_id" in table.columns
+    keys = ["prompt_kind", "prompt_id", "prompt_text"] if by_prompt else ["prompt_kind"]
+    columns = ["store", "model", *keys, "layer", *values]
+    order = ["store", "prompt_kind", "prompt_id", "layer"] if by_prompt else ["store", "prompt_kind", "layer"]
+    return table[columns].sort_values(order, kind="stable").reset_index(drop=True)

@@ -1,10 +1,12 @@
-"""Analysis 1: logit lens on image tokens, scored against the captions (precision, recall).
+"""Analysis 1: logit lens on image tokens, scored against the captions (docs/methods.md).
 
 For the hidden state h of an image token at layer l: logits = norm(h) @ W_U.T with the
-decoder's final norm, except for the last layer, which the store holds already normed. The
-top-k token ids of every image token at every layer are cached in the store's ``results``
-group (``logit_lens_topk``), so re-scoring (another top-k up to the cached k, new captions) is
-cheap. Words and scores follow `vislens.analyze.words`.
+decoder's final norm, applied to every layer except the last when the store records that the
+model's last hidden state already carries it (``final_norm_applied_to_last``, measured at
+extraction). The top-k token ids of every image token at every layer are cached in the store's
+``results`` group (``logit_lens_topk``), so re-scoring (another top-k up to the cached k, new
+captions) is cheap. Each image token is decoded on its own; the words and the three scores
+(precision, token_precision, recall) follow `vislens.analyze.words`.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from vislens.analyze.common import StoreLike, as_text, as_tree, compute, finished, group, long_table
-from vislens.analyze.words import STOPWORDS, decoded_words, precision_recall, reference_words
+from vislens.analyze.common import StoreLike, as_tree, compute, finished, group, long_table, mean_by, sample_coords
+from vislens.analyze.words import STOPWORDS, Vocabulary, reference_words, scores
 from vislens.errors import DataError
 from vislens.store import IMAGE
 from vislens.store.reader import location_of
@@ -99,14 +101,14 @@ def logit_lens_topk(
     """
     tree = as_tree(store)
     acts = finished(group(tree, "activations"))
-    normed_last = bool(acts["layer"].attrs.get("final_norm_applied_to_last", 1))
-    hidden = acts["hidden"].chunk({"sample": samples_per_task, "layer": -1, "token": -1, "hidden": -1})
+    normed_last = bool(_normed_last(tree))
+    hidden = acts["hidden"].chunk({"sample": samples_per_task, "layer": -1, "token": -1, "d_model": -1})
     modality = acts["modality"].chunk({"sample": samples_per_task, "token": -1})
     return xr.apply_ufunc(
         _block_topk,
         hidden,
         modality,
-        input_core_dims=[["layer", "token", "hidden"], ["token"]],
+        input_core_dims=[["layer", "token", "d_model"], ["token"]],
         output_core_dims=[["layer", "token", "rank"]],
         dask="parallelized",
         output_dtypes=[np.int32],
@@ -115,41 +117,39 @@ def logit_lens_topk(
     ).rename("top_ids")
 
 
+def _normed_last(tree: xr.DataTree) -> int:
+    return int(group(tree, "activations")["layer"].attrs.get("final_norm_applied_to_last", 1))
+
+
 def cached_topk(
     store: StoreLike, k: int = 1, *, cache: bool = True, progress: bool = False, **kwargs: Any
 ) -> xr.DataArray:
-    """Top-k ids, read from ``results/logit_lens_topk`` when a fresh one with rank >= k exists."""
+    """Top-k ids, read from ``results/logit_lens_topk`` when a fresh one covers the request.
+
+    Fresh: written for this store's fingerprint and final-norm reading, with rank >= k, and for
+    exactly the samples done now (a resumed extraction makes an older cache stale).
+    """
     tree = as_tree(store)
-    cached = load_result(tree, CACHE_NAME)
+    normed_last = _normed_last(tree)
+    cached = load_result(tree, CACHE_NAME, final_norm_applied_to_last=normed_last) if cache else None
     done = finished(group(tree, "activations"))["sample"].values
     if cached is not None and cached.sizes["rank"] >= k and np.array_equal(cached["sample"].values, done):
         return cached.isel(rank=slice(0, k)).compute()
     top = compute(logit_lens_topk(tree, k, **kwargs), progress=progress)
     if cache:
-        save_result(location_of(tree), CACHE_NAME, top, k=k, norm="final norm on layers < L")
+        save_result(location_of(tree), CACHE_NAME, top, k=k, final_norm_applied_to_last=normed_last)
     return top
 
 
 def _block_scores(
-    top: np.ndarray,
-    modality: np.ndarray,
-    image_index: np.ndarray,
-    *,
-    vocab_text: list[str],
-    vocab_special: np.ndarray,
-    references: list[set[str]],
+    top: np.ndarray, modality: np.ndarray, image_index: np.ndarray, *, vocabulary: Vocabulary, references: list[set[str]]
 ) -> np.ndarray:
-    """(s, layer, token, k) ids -> (s, layer, 2) precision, recall."""
-    s, n_layers, _, k = top.shape
-    out = np.zeros((s, n_layers, 2), dtype=np.float64)
+    """(s, layer, token, k) ids -> (s, layer, 3) precision, token_precision, recall."""
+    s, n_layers = top.shape[:2]
+    out = np.zeros((s, n_layers, 3), dtype=np.float64)
     for i in range(s):
         positions = np.flatnonzero(modality[i] == IMAGE)
-        reference = references[int(image_index[i])]
-        for layer in range(n_layers):
-            decoded: set[str] = set()
-            for rank in range(k):
-                decoded |= decoded_words(top[i, layer, positions, rank].tolist(), vocab_text, vocab_special)
-            out[i, layer] = precision_recall(decoded, reference)
+        out[i] = scores(top[i][:, positions], vocabulary, references[int(image_index[i])])
     return out
 
 
@@ -166,16 +166,20 @@ def _references(tree: xr.DataTree, used: np.ndarray) -> list[set[str]]:
     return refs
 
 
+SCORES = ("precision", "token_precision", "recall")
+
+
 def logit_lens_per_sample(
     store: StoreLike, *, top_k: int = 1, cache: bool = True, progress: bool = False, **kwargs: Any
 ) -> xr.Dataset:
-    """Precision and recall per finished sample and layer (dims sample, layer)."""
+    """``precision``, ``token_precision`` and ``recall`` per finished sample and layer (dims sample, layer)."""
     tree = as_tree(store)
     acts = finished(group(tree, "activations"))
     top = cached_topk(tree, top_k, cache=cache, progress=progress, **kwargs)
     lens = group(tree, "lens")
     image_index = acts["image_index"].values
-    scores = xr.apply_ufunc(
+    vocabulary = Vocabulary.build([str(t) for t in lens["vocab_text"].values], np.asarray(lens["vocab_special"].values))
+    values = xr.apply_ufunc(
         _block_scores,
         top.chunk({"sample": 16}),
         acts["modality"].chunk({"sample": 16, "token": -1}),
@@ -184,37 +188,39 @@ def logit_lens_per_sample(
         output_core_dims=[["layer", "score"]],
         dask="parallelized",
         output_dtypes=[np.float64],
-        dask_gufunc_kwargs={"output_sizes": {"score": 2}},
-        kwargs={
-            "vocab_text": [str(t) for t in lens["vocab_text"].values],
-            "vocab_special": np.asarray(lens["vocab_special"].values),
-            "references": _references(tree, image_index),
-        },
+        dask_gufunc_kwargs={"output_sizes": {"score": len(SCORES)}},
+        kwargs={"vocabulary": vocabulary, "references": _references(tree, image_index)},
     )
-    scores = compute(scores, progress=progress)
-    out = xr.Dataset({"precision": scores.isel(score=0, drop=True), "recall": scores.isel(score=1, drop=True)})
-    out.attrs.update(top_k=top_k, stop_words=STOPWORDS)
-    return out.assign_coords(prompt_kind=as_text(acts["prompt_kind"]), image_id=as_text(acts["image_id"]))
+    values = compute(values, progress=progress)
+    out = xr.Dataset({name: values.isel(score=i, drop=True) for i, name in enumerate(SCORES)})
+    out["precision"].attrs["long_name"] = "distinct decoded words found in the references / distinct decoded words"
+    out["token_precision"].attrs["long_name"] = (
+        "image tokens whose decoded word is a reference word / image tokens that decoded to a word"
+    )
+    out["recall"].attrs["long_name"] = "distinct reference words that were decoded / distinct reference words"
+    out.attrs.update(
+        top_k=top_k,
+        stop_words=STOPWORDS,
+        words="each image token decoded on its own (docs/methods.md)",
+        final_norm_applied_to_last=_normed_last(tree),
+    )
+    return out.assign_coords(sample_coords(acts))
 
 
 def logit_lens(
-    store: StoreLike, *, top_k: int = 1, cache: bool = True, progress: bool = False, **kwargs: Any
+    store: StoreLike, *, top_k: int = 1, by: str = "kind", cache: bool = True, progress: bool = False, **kwargs: Any
 ) -> xr.Dataset:
-    """Mean precision and recall over samples, per prompt kind and layer (dims prompt_kind, layer)."""
+    """Mean scores over samples per prompt kind (``by="kind"``) or prompt (``by="prompt"``) and layer."""
     per_sample = logit_lens_per_sample(store, top_k=top_k, cache=cache, progress=progress, **kwargs)
-    grouped = per_sample.drop_vars("image_id").groupby("prompt_kind")
-    means = grouped.mean("sample")
-    means["n_samples"] = per_sample["precision"].isel(layer=0).groupby("prompt_kind").count("sample")
-    means.attrs.update(per_sample.attrs)
-    return means
+    return mean_by(per_sample, by)
 
 
 def logit_lens_table(
-    stores: list[StoreLike], *, top_k: int = 1, cache: bool = True, progress: bool = False
+    stores: list[StoreLike], *, top_k: int = 1, by: str = "kind", cache: bool = True, progress: bool = False
 ) -> pd.DataFrame:
-    """Long table over stores: store, model, prompt_kind, layer, precision, recall, n_samples."""
+    """Long table over stores: store, model, prompt columns, layer, precision, token_precision, recall, n_samples."""
     return long_table(
         stores,
-        lambda tree: logit_lens(tree, top_k=top_k, cache=cache, progress=progress),
-        ["precision", "recall", "n_samples"],
+        lambda tree: logit_lens(tree, top_k=top_k, by=by, cache=cache, progress=progress),
+        [*SCORES, "n_samples"],
     )

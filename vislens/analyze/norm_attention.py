@@ -2,7 +2,8 @@
 
 NA(q, j) = |sum_h alpha^h_qj f_h(x_j)|, the head-summed norm of what query q takes from source
 token j (`vislens.kernels.norm_attention`, from ``attn`` and ``value_gram``). Layer l is the
-attention inside decoder layer l (numbered from 0).
+attention inside decoder layer l, numbered 1 .. L as in the store (its input is hidden state
+l - 1 and its output hidden state l, the numbering of the other analyses).
 
 - ``image_share`` (per layer): for each text query row q, sum over image tokens j of NA(q, j)
   divided by the sum over all j of NA(q, j); the mean over the text query rows of a sample,
@@ -18,7 +19,18 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from vislens.analyze.common import StoreLike, as_text, as_tree, compute, finished, group, label, long_table
+from vislens.analyze.common import (
+    StoreLike,
+    as_text,
+    as_tree,
+    compute,
+    finished,
+    group,
+    label,
+    long_table,
+    mean_by,
+    sample_coords,
+)
 from vislens.errors import StoreFormatError
 from vislens.store import IMAGE, TEXT
 
@@ -92,24 +104,29 @@ def norm_attention_per_sample(store: StoreLike, *, backend: str = "auto", sample
     )
     out = xr.Dataset({"image_share": share, "image_share_after_image": after, "last_query": last})
     out["layer"] = attention["layer"]
-    return out.assign_coords(prompt_kind=as_text(acts["prompt_kind"]), image_id=as_text(acts["image_id"]))
+    out["image_share"].attrs["long_name"] = "share of the text queries' norm-based attention on image tokens"
+    out["image_share_after_image"].attrs["long_name"] = (
+        "share of norm-based attention on image tokens, text queries after the first image token"
+    )
+    out["last_query"].attrs["long_name"] = "norm-based attention from the last prompt token to each token"
+    return out.assign_coords(sample_coords(acts))
 
 
-def norm_attention(store: StoreLike, *, backend: str = "auto", progress: bool = False) -> xr.Dataset:
-    """Mean image shares over samples per prompt kind and layer (dims prompt_kind, layer)."""
+def norm_attention(store: StoreLike, *, by: str = "kind", backend: str = "auto", progress: bool = False) -> xr.Dataset:
+    """Mean image shares over samples per prompt kind or prompt (``by``) and layer."""
     per_sample = compute(
         norm_attention_per_sample(store, backend=backend)[["image_share", "image_share_after_image"]], progress=progress
     )
-    means = per_sample.drop_vars("image_id").groupby("prompt_kind").mean("sample")
-    means["n_samples"] = per_sample["image_share"].isel(layer=0).groupby("prompt_kind").count("sample")
-    return means
+    return mean_by(per_sample, by)
 
 
-def norm_attention_table(stores: list[StoreLike], *, backend: str = "auto", progress: bool = False) -> pd.DataFrame:
-    """Long table: store, model, prompt_kind, layer, image_share, image_share_after_image, n_samples."""
+def norm_attention_table(
+    stores: list[StoreLike], *, by: str = "kind", backend: str = "auto", progress: bool = False
+) -> pd.DataFrame:
+    """Long table: store, model, prompt columns, layer, image_share, image_share_after_image, n_samples."""
     return long_table(
         stores,
-        lambda tree: norm_attention(tree, backend=backend, progress=progress),
+        lambda tree: norm_attention(tree, by=by, backend=backend, progress=progress),
         ["image_share", "image_share_after_image", "n_samples"],
     )
 
@@ -156,8 +173,8 @@ def top_image_tokens(store: StoreLike, samples: list[int], *, top: int = 10, bac
         image_pos = np.flatnonzero(modality == IMAGE)
         grid_rows, grid_cols = (int(v) for v in acts["image_grid"].sel(sample=s).values)
         heat = per["last_query"].sel(sample=s).values[:, image_pos]  # (layer, image tokens)
-        for layer in range(heat.shape[0]):
-            order = np.argsort(-heat[layer], kind="stable")[:top]
+        for row_of_layer, layer in enumerate(per["layer"].values):
+            order = np.argsort(-heat[row_of_layer], kind="stable")[:top]
             for rank, k in enumerate(order):
                 gridded = grid_cols > 0 and grid_rows * grid_cols == image_pos.size
                 rows.append(
@@ -166,13 +183,13 @@ def top_image_tokens(store: StoreLike, samples: list[int], *, top: int = 10, bac
                         "sample": s,
                         "image_id": str(acts["image_id"].sel(sample=s).values),
                         "prompt_kind": str(acts["prompt_kind"].sel(sample=s).values),
-                        "layer": layer,
+                        "layer": int(layer),
                         "rank": rank,
                         "image_token": int(k),
                         "position": int(image_pos[k]),
                         "row": int(k // grid_cols) if gridded else -1,
                         "col": int(k % grid_cols) if gridded else -1,
-                        "norm_attention": float(heat[layer, k]),
+                        "norm_attention": float(heat[row_of_layer, k]),
                     }
                 )
     return pd.DataFrame(rows)

@@ -17,24 +17,42 @@ from vislens.analyze.norm_attention import last_query_heatmap, norm_attention_ta
 from vislens.store import IMAGE
 
 
-def write_cosine(trees: list[xr.DataTree], out: Path, *, backend: str = "auto") -> dict[str, Path]:
+METHODS_NOTE = "definitions: docs/methods.md (vislens)"
+
+
+def write_cosine(
+    trees: list[xr.DataTree],
+    out: Path,
+    *,
+    text_tokens: str = "instruction",
+    by: str = "kind",
+    backend: str = "auto",
+) -> dict[str, Path]:
     """``cosine.csv`` and ``cosine.png``."""
     out.mkdir(parents=True, exist_ok=True)
-    table = cosine_table(trees, backend=backend)
+    table = cosine_table(trees, text_tokens=text_tokens, by=by, backend=backend)
     table.to_csv(out / "cosine.csv", index=False)
-    return {"cosine.csv": out / "cosine.csv", "cosine.png": figures.plot_cosine(table, out / "cosine.png")}
+    note = f"text tokens: {text_tokens}; mean over samples per {'prompt' if by == 'prompt' else 'prompt kind'}; {METHODS_NOTE}"
+    return {"cosine.csv": out / "cosine.csv", "cosine.png": figures.plot_cosine(table, out / "cosine.png", note=note)}
 
 
 def write_logit_lens(
-    trees: list[xr.DataTree], out: Path, *, top_k: int = 1, cache: bool = True, progress: bool = False
+    trees: list[xr.DataTree],
+    out: Path,
+    *,
+    top_k: int = 1,
+    by: str = "kind",
+    cache: bool = True,
+    progress: bool = False,
 ) -> dict[str, Path]:
     """``logit_lens.csv`` and ``logit_lens.png``."""
     out.mkdir(parents=True, exist_ok=True)
-    table = logit_lens_table(trees, top_k=top_k, cache=cache, progress=progress)
+    table = logit_lens_table(trees, top_k=top_k, by=by, cache=cache, progress=progress)
     table.to_csv(out / "logit_lens.csv", index=False)
+    note = f"top-{top_k} words of each image token, decoded one token at a time; {METHODS_NOTE}"
     return {
         "logit_lens.csv": out / "logit_lens.csv",
-        "logit_lens.png": figures.plot_logit_lens(table, out / "logit_lens.png"),
+        "logit_lens.png": figures.plot_logit_lens(table, out / "logit_lens.png", note=note),
     }
 
 
@@ -48,17 +66,18 @@ def write_norm_attention(
     *,
     samples: list[str] | None = None,
     top: int = 10,
+    by: str = "kind",
     backend: str = "auto",
     progress: bool = False,
 ) -> dict[str, Path]:
     """``norm_attention.csv`` (image share per layer), its figure, and per chosen sample a
     layers x tokens heatmap, a patch-grid map (last layer) and ``top_image_tokens.csv``."""
     out.mkdir(parents=True, exist_ok=True)
-    table = norm_attention_table(trees, backend=backend, progress=progress)
+    table = norm_attention_table(trees, by=by, backend=backend, progress=progress)
     table.to_csv(out / "norm_attention.csv", index=False)
     written = {
         "norm_attention.csv": out / "norm_attention.csv",
-        "norm_attention.png": figures.plot_image_share(table, out / "norm_attention.png"),
+        "norm_attention.png": figures.plot_image_share(table, out / "norm_attention.png", note=METHODS_NOTE),
     }
     tops = []
     for tree in trees:
@@ -73,7 +92,9 @@ def write_norm_attention(
             span = (int(image_pos[0]), int(image_pos[-1]) + 1) if image_pos.size else None
             title = f"{Path(label(tree)).name}: {heat.attrs['image_id']} ({heat.attrs['prompt_kind']} prompt)"
             name = f"heatmap_{stem}_{s}.png"
-            written[name] = figures.plot_heatmap(heat.values, out / name, title=title, image_span=span)
+            written[name] = figures.plot_heatmap(
+                heat.values, out / name, title=title, image_span=span, layers=heat["layer"].values
+            )
             rows, cols = (int(v) for v in acts["image_grid"].sel(sample=s).values)
             if rows * cols == image_pos.size and image_pos.size:
                 grid = heat.values[-1, image_pos].reshape(rows, cols)

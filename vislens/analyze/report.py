@@ -83,6 +83,8 @@ def write_report(
     *,
     top_k: int = 1,
     samples: list[str] | None = None,
+    text_tokens: str = "instruction",
+    by: str = "kind",
     backend: str = "auto",
     progress: bool = False,
 ) -> Path:
@@ -95,16 +97,17 @@ def write_report(
     plan: list[tuple[str, str, Callable[[], dict[str, Path]], list]] = [
         (
             "Logit lens on image tokens (figures 3.1, 3.2)",
-            f"Precision and recall of the words decoded from image tokens (top-{top_k}, final norm applied) against the "
-            "reference captions, per layer and prompt kind.",
-            lambda: write_logit_lens(with_acts, out / "logit_lens", top_k=top_k, progress=progress),
+            f"Precision (distinct words), token precision (per image token) and recall of the words decoded from "
+            f"each image token on its own (top-{top_k}, final norm applied) against the reference captions, per layer "
+            "and prompt kind. Definitions: docs/methods.md.",
+            lambda: write_logit_lens(with_acts, out / "logit_lens", top_k=top_k, by=by, progress=progress),
             with_acts,
         ),
         (
             "Inter-modal cosine similarity (figures 4.1 to 4.4)",
-            "Mean cosine similarity between image-token and text-token hidden states per layer (and within each modality), "
-            "per store (e.g. 7B vs 13B) and prompt kind.",
-            lambda: write_cosine(with_acts, out / "cosine", backend=backend),
+            f"Mean cosine similarity between image-token and {text_tokens}-token hidden states per layer (and within each "
+            "modality), per store (e.g. 7B vs 13B) and prompt kind. Definitions: docs/methods.md.",
+            lambda: write_cosine(with_acts, out / "cosine", text_tokens=text_tokens, by=by, backend=backend),
             with_acts,
         ),
     ]
@@ -115,7 +118,7 @@ def write_report(
             "Share of the text queries' norm-based attention that lands on image tokens per layer; heatmaps of the last "
             "prompt token's norm-based attention (layers x tokens) and the most-attended image tokens in the patch grid.",
             lambda: write_norm_attention(
-                with_attn, out / "norm_attention", samples=samples, backend=backend, progress=progress
+                with_attn, out / "norm_attention", samples=samples, by=by, backend=backend, progress=progress
             ),
             with_attn,
         )

@@ -47,7 +47,13 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", help="one custom instruction instead of the study's ten normal prompts")
     p.add_argument("--prompts-file", help='JSON {"id": "prompt"} replacing the ten normal prompts')
     p.add_argument(
-        "--all-prompts", action="store_true", help="every normal prompt for every image (default: cycle through them)"
+        "--noisy-prompts-file",
+        help='JSON {"id": "text"} or a list of fixed noisy strings (e.g. the study\'s own) used instead of random ones',
+    )
+    p.add_argument(
+        "--all-prompts",
+        action="store_true",
+        help="every prompt of the normal (and fixed noisy) set for every image; without it, image i gets prompt i mod n",
     )
     p.add_argument(
         "--limit",
@@ -96,6 +102,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         prompts=args.prompts,
         prompt=args.prompt,
         prompts_file=args.prompts_file,
+        noisy_prompts_file=args.noisy_prompts_file,
         all_prompts=args.all_prompts,
         images=args.images,
         split=args.split,

@@ -26,6 +26,7 @@ class ExtractConfig:
     prompts: tuple[str, ...] = ("normal",)
     prompt: str | None = None
     prompts_file: str | None = None
+    noisy_prompts_file: str | None = None
     all_prompts: bool = False
     images: str | None = None
     split: str = "test"
@@ -67,8 +68,13 @@ class ExtractConfig:
         """The options that determine the store's content (recorded and fingerprinted)."""
         args = {k: v for k, v in asdict(self).items() if k not in RUNTIME_ONLY}
         args["prompts"] = list(self.prompts)
-        if self.prompts_file:
-            args["prompts_file_sha256"] = hashlib.sha256(Path(self.prompts_file).read_bytes()).hexdigest()
+        for name in ("prompts_file", "noisy_prompts_file"):
+            path = getattr(self, name)
+            if path:
+                try:
+                    args[f"{name}_sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+                except OSError as exc:
+                    raise ConfigError(f"cannot read --{name.replace('_', '-')} {path}: {exc.strerror}") from None
         return args
 
 

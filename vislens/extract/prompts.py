@@ -26,6 +26,16 @@ class Prompt:
 
 def normal_prompts(path: str | Path | None = None) -> list[Prompt]:
     """The study's ten normal prompts, or those of a JSON file ``{"id": "text", ...}``."""
+    return prompts_from_file(path, "normal")
+
+
+def noisy_prompts(path: str | Path) -> list[Prompt]:
+    """Fixed noisy prompts (e.g. the study's own strings) from a JSON file ``{"id": "text", ...}`` or a list."""
+    return prompts_from_file(path, "noisy")
+
+
+def prompts_from_file(path: str | Path | None, kind: str) -> list[Prompt]:
+    """Prompts of one kind from a JSON file (``{"id": "text"}`` or a list); None: the shipped normal prompts."""
     if path is None:
         raw = resources.files("vislens.data").joinpath("prompts_normal.json").read_text()
         where = "the shipped prompts"
@@ -43,7 +53,7 @@ def normal_prompts(path: str | Path | None = None) -> list[Prompt]:
         items = {str(i): text for i, text in enumerate(items)}
     if not isinstance(items, dict) or not items or not all(isinstance(t, str) and t.strip() for t in items.values()):
         raise DataError(f'{where}: expected {{"id": "prompt text", ...}} with non-empty texts')
-    return [Prompt("normal", str(k), v) for k, v in items.items()]
+    return [Prompt(kind, str(k), v) for k, v in items.items()]
 
 
 def noisy_prompt(vocabulary: list[str], special: np.ndarray, seed: int, index: int) -> Prompt:

@@ -19,6 +19,7 @@ from vislens.extract.adapters import LoadedModel, load_adapter
 from vislens.extract.capture import capture_attention
 from vislens.extract.config import ExtractConfig, fingerprint
 from vislens.extract.datasets import DataSet, load_data
+from vislens.extract.final_norm import FinalNormCheck, check_final_norm
 from vislens.extract.images import load_image
 from vislens.extract.plan import Sample, make_plan, query_capacity
 from vislens.store import schema
@@ -93,14 +94,16 @@ def _lens(loaded: LoadedModel, vocab: tuple[list[str], np.ndarray]) -> LensData:
     )
 
 
-def _store_spec(config: ExtractConfig, loaded: LoadedModel, data: DataSet, plan: list[Sample], vocab) -> StoreSpec:
+def _store_spec(
+    config: ExtractConfig, loaded: LoadedModel, data: DataSet, plan: list[Sample], vocab, final_norm: FinalNormCheck
+) -> StoreSpec:
     adapter = loaded.adapter
     shape = adapter.attention_shape
     layout = schema.Layout(
         n_samples=len(plan),
         n_layers=len(adapter.layers) + 1,
         n_tokens=max(s.n_tokens for s in plan),
-        hidden=int(adapter.text_config.hidden_size),
+        d_model=int(adapter.text_config.hidden_size),
         n_heads=shape.n_heads,
         n_query=query_capacity(plan, config.attention),
         vocab=int(adapter.unembedding.shape[0]),
@@ -128,15 +131,18 @@ def _store_spec(config: ExtractConfig, loaded: LoadedModel, data: DataSet, plan:
             "custom": config.prompt,
             "all_prompts": config.all_prompts,
             "noise_seed": config.noise_seed,
+            "noisy_file": config.noisy_prompts_file,
         },
         "attention_mode": config.attention,
         "keep_bits": config.keep_bits,
         "n_samples": len(plan),
     }
     layer_attrs = {
-        "long_name": "hidden-state index: 0 = input embeddings (image features in place), l = output of decoder layer l",
-        "final_norm_applied_to_last": 1,
-        "note": "the last layer (L) is already passed through the final norm; do not norm it again",
+        "long_name": "layer l: 0 = input embeddings (image features in place), l = output of decoder layer l (1 .. L)",
+        "final_norm_applied_to_last": int(final_norm.applied),
+        "final_norm_check": final_norm.describe(),
+        "note": "the logit lens applies the final norm to layers 0 .. L-1, and to layer L only when "
+        "final_norm_applied_to_last is 0",
     }
     captions = CaptionData([r.id for r in data.records], [r.captions for r in data.records])
     return StoreSpec(
@@ -165,11 +171,16 @@ def _query_positions(modality: torch.Tensor, n_tokens: torch.Tensor, mode: str, 
     return out
 
 
-def _run_batch(
-    loaded: LoadedModel, config: ExtractConfig, batch: list[Sample], images: list, q_capacity: int
-) -> list[dict[str, np.ndarray]]:
-    adapter = loaded.adapter
-    device = config.resolved_device()
+@dataclass
+class Encoded:
+    """A batch through the processor, checked against the plan."""
+
+    inputs: dict[str, Any]
+    modality: torch.Tensor  # (batch, token) uint8
+    n_tokens: torch.Tensor  # (batch,)
+
+
+def _encode(adapter: Any, batch: list[Sample], images: list) -> Encoded:
     inputs = adapter.encode(images, [s.text for s in batch])
     mask = inputs["attention_mask"].bool()
     image_mask = adapter.image_mask(inputs) & mask
@@ -193,8 +204,43 @@ def _run_batch(
                 f"image placeholders {found} do not match the image features {expected}; the prompt or processor is wrong"
             )
     modality = torch.where(image_mask, schema.IMAGE, torch.where(mask, schema.TEXT, schema.PADDING)).to(torch.uint8)
+    return Encoded(inputs, modality, n_tokens)
+
+
+def _on(device: str, inputs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _check_final_norm(loaded: LoadedModel, config: ExtractConfig, plan: list[Sample]) -> FinalNormCheck:
+    """Run the first sample whose image reads and measure whether h_L carries the final norm."""
+    adapter = loaded.adapter
+    first_error: ImageError | None = None
+    for sample in plan:
+        try:
+            image = load_image(sample.record.image)
+        except ImageError as exc:
+            first_error = first_error or exc
+            if config.strict:
+                raise
+            continue
+        encoded = _encode(adapter, [sample], [image])
+        with torch.inference_mode():
+            outputs = adapter.forward(_on(config.resolved_device(), encoded.inputs))
+        valid = encoded.inputs["attention_mask"].bool().to(config.resolved_device())
+        return check_final_norm(adapter, outputs, valid)
+    log.warning("no image could be read (first: %s); every sample will be skipped", first_error)
+    return FinalNormCheck(True, float("nan"), float("nan"))
+
+
+def _run_batch(
+    loaded: LoadedModel, config: ExtractConfig, batch: list[Sample], images: list, q_capacity: int
+) -> list[dict[str, np.ndarray]]:
+    adapter = loaded.adapter
+    device = config.resolved_device()
+    encoded = _encode(adapter, batch, images)
+    inputs, modality, n_tokens = encoded.inputs, encoded.modality, encoded.n_tokens
     qpos = _query_positions(modality, n_tokens, config.attention, q_capacity) if q_capacity else None
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    inputs = _on(device, inputs)
     with torch.inference_mode():
         if qpos is not None:
             with capture_attention(adapter, qpos) as capture:
@@ -214,6 +260,9 @@ def _run_batch(
             "hidden": hidden[:, b, :n].numpy(),
             "token_id": ids[b, :n].numpy().astype(np.int32),
             "modality": modality[b, :n].numpy(),
+            "token_role": adapter.token_roles(
+                ids[b, :n].numpy(), modality[b, :n].numpy() == schema.IMAGE, sample.text, sample.prompt.text
+            ),
             "n_tokens": np.int32(n),
             "image_grid": np.asarray(adapter.image_grid(inputs, b), dtype=np.int32),
         }
@@ -256,7 +305,7 @@ def extract(config: ExtractConfig, *, loaded: LoadedModel | None = None) -> Extr
         )
     vocab = loaded.adapter.vocabulary()
     plan = make_plan(data, config, loaded.adapter, vocab)
-    spec = _store_spec(config, loaded, data, plan, vocab)
+    spec = _store_spec(config, loaded, data, plan, vocab, _check_final_norm(loaded, config, plan))
     writer = prepare_store(
         location, spec, overwrite=config.overwrite, creator=config.shard[0] == 0, wait_s=config.wait_s
     )

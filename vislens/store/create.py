@@ -129,8 +129,10 @@ def _attention(spec: StoreSpec) -> tuple[xr.Dataset, dict[str, Any]]:
         "sample": ("sample", np.arange(layout.n_samples, dtype=np.int64)),
         "layer": xr.Variable(
             "layer",
-            np.arange(layout.n_layers - 1, dtype=np.int32),
-            attrs={"long_name": "decoder layer; its input is activations layer l"},
+            np.arange(1, layout.n_layers, dtype=np.int32),
+            attrs={
+                "long_name": "decoder layer l (1 .. L): its input is activations layer l - 1, its output activations layer l"
+            },
         ),
     }
     encoding |= {name: {"compressors": small_codecs()} for name in coords}
@@ -141,8 +143,8 @@ def _lens(lens: LensData) -> tuple[xr.Dataset, dict[str, Any]]:
     vocab, hidden = lens.unembedding.shape
     rows = max(1, min(vocab, (8 << 20) // max(1, hidden * lens.unembedding.dtype.itemsize)))
     data = {
-        "unembedding": (("vocab", "hidden"), lens.unembedding, {"long_name": "W_U: logits = norm(h) @ W_U.T"}),
-        "norm_weight": (("hidden",), lens.norm_weight.astype(np.float32)),
+        "unembedding": (("vocab", "d_model"), lens.unembedding, {"long_name": "W_U: logits = norm(h) @ W_U.T"}),
+        "norm_weight": (("d_model",), lens.norm_weight.astype(np.float32)),
         "vocab_text": (
             ("vocab",),
             _strings(lens.vocab_text),
@@ -151,7 +153,7 @@ def _lens(lens: LensData) -> tuple[xr.Dataset, dict[str, Any]]:
         "vocab_special": (("vocab",), lens.vocab_special.astype(bool)),
     }
     if lens.norm_bias is not None:
-        data["norm_bias"] = (("hidden",), lens.norm_bias.astype(np.float32))
+        data["norm_bias"] = (("d_model",), lens.norm_bias.astype(np.float32))
     ds = xr.Dataset(data, attrs={"norm_kind": lens.norm_kind, "norm_eps": float(lens.norm_eps)})
     encoding = {name: {"compressors": small_codecs()} for name in data}
     encoding["unembedding"] = {

@@ -139,7 +139,7 @@ def _check_schema(root: zarr.Group) -> list[Problem]:
     acts = root.get("activations")
     if acts is None:
         return [Problem("activations", "", "group missing")] if "ablation" not in root else []
-    for var in schema.variables(_layout(root)):
+    for var in schema.variables(_layout(root), int(root.attrs.get("vislens_format_version", schema.FORMAT_VERSION))):
         path = f"{var.group}/{var.name}"
         if var.group not in root or var.name not in root[var.group]:
             problems.append(Problem(path, "", "array missing"))

@@ -1,4 +1,4 @@
-"""The vislens store format, version 1: group names, variables, flags and codecs.
+"""The vislens store format, version 2: group names, variables, flags and codecs.
 
 This module is the single source of truth for what a store holds; `docs/store-format.md`
 describes the same contract for readers without vislens.
@@ -11,8 +11,10 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
-"""Integer stored in the root attribute ``vislens_format_version``."""
+FORMAT_VERSION = 2
+"""Integer stored in the root attribute ``vislens_format_version`` of stores written now."""
+READABLE_VERSIONS = (1, 2)
+"""Versions `vislens.open_store` reads (version 1 is upgraded on open, see `vislens.store.upgrade`)."""
 
 GROUPS = ("activations", "attention", "lens", "captions", "results")
 
@@ -22,6 +24,18 @@ MODALITY_ATTRS = {
     "flag_values": [PADDING, IMAGE, TEXT],
     "flag_meanings": "padding image text",
     "long_name": "modality of the token at this position",
+}
+
+# role of a token position in the prompt (activations/token_role)
+ROLE_PADDING, ROLE_IMAGE, ROLE_INSTRUCTION, ROLE_TEMPLATE, ROLE_BOS = 0, 1, 2, 3, 4
+ROLE_NAMES = ("padding", "image", "instruction", "template", "bos")
+ROLE_ATTRS = {
+    "flag_values": [ROLE_PADDING, ROLE_IMAGE, ROLE_INSTRUCTION, ROLE_TEMPLATE, ROLE_BOS],
+    "flag_meanings": " ".join(ROLE_NAMES),
+    "long_name": "role of the token in the prompt",
+    "description": "instruction: the prompt text as given (before the chat template); template: chat-template "
+    "role words and separators, markers the processor inserts, special tokens other than BOS; bos: the "
+    "beginning-of-sequence token",
 }
 
 # extraction status of a sample (activations/done)
@@ -62,8 +76,8 @@ class Layout:
 
     Parameters
     ----------
-    n_samples, n_layers, n_tokens, hidden : sizes of ``sample``, ``layer`` (L + 1 hidden
-        states), ``token`` (the longest sample) and ``hidden``.
+    n_samples, n_layers, n_tokens, d_model : sizes of ``sample``, ``layer`` (L + 1 hidden
+        states), ``token`` (the longest sample) and ``d_model`` (the decoder's width).
     n_heads, n_query : attention heads and query rows per sample (0 = no attention group).
     vocab, n_images, n_captions : lens vocabulary, distinct images, captions per image.
     block : samples per shard of the small per-sample arrays; a writer owns whole blocks.
@@ -72,7 +86,7 @@ class Layout:
     n_samples: int
     n_layers: int
     n_tokens: int
-    hidden: int
+    d_model: int
     n_heads: int
     n_query: int
     vocab: int
@@ -91,7 +105,7 @@ class Layout:
             "sample": self.n_samples,
             "layer": self.n_layers,
             "token": self.n_tokens,
-            "hidden": self.hidden,
+            "d_model": self.d_model,
             "head": self.n_heads,
             "head2": self.n_heads,
             "query": self.n_query,
@@ -102,16 +116,34 @@ class Layout:
         }
 
 
-def variables(layout: Layout) -> list[Variable]:
-    """All variables of a store with this layout, in write order (``done`` last)."""
+def variables(layout: Layout, version: int = FORMAT_VERSION) -> list[Variable]:
+    """All variables of a store with this layout, in write order (``done`` last).
+
+    ``version`` 1 gives the variables of a version 1 store (width dimension ``hidden``, no
+    ``token_role``), for checking old stores.
+    """
+    current = _variables(layout)
+    if version == FORMAT_VERSION:
+        return current
+    if version != 1:
+        raise ValueError(f"unknown store format version {version}")
+    renamed = lambda dims: tuple("hidden" if d == "d_model" else d for d in dims)  # noqa: E731
+    return [
+        Variable(v.group, v.name, renamed(v.dims), v.dtype, v.fill_value, v.attrs, v.per_sample)
+        for v in current
+        if v.name != "token_role"
+    ]
+
+
+def _variables(layout: Layout) -> list[Variable]:
     acts = [
         Variable(
             "activations",
             "hidden",
-            ("sample", "layer", "token", "hidden"),
+            ("sample", "layer", "token", "d_model"),
             "float16",
             np.float16("nan"),
-            {"long_name": "hidden state of the language decoder (residual stream)"},
+            {"long_name": "hidden state of the language decoder (residual stream) after decoder layer l"},
         ),
         Variable(
             "activations",
@@ -122,6 +154,7 @@ def variables(layout: Layout) -> list[Variable]:
             {"long_name": "input token id; -1 at padding positions"},
         ),
         Variable("activations", "modality", ("sample", "token"), "uint8", PADDING, MODALITY_ATTRS),
+        Variable("activations", "token_role", ("sample", "token"), "uint8", ROLE_PADDING, ROLE_ATTRS),
         Variable("activations", "n_tokens", ("sample",), "int32", 0, {"long_name": "valid positions"}),
         Variable(
             "activations",
@@ -160,7 +193,7 @@ def variables(layout: Layout) -> list[Variable]:
                 ("sample", "layer", "head", "query", "token"),
                 "float16",
                 np.float16(0),
-                {"long_name": "attention weights of the selected query rows (decoder layer l)"},
+                {"long_name": "attention weights of the selected query rows in decoder layer l"},
             ),
             Variable(
                 "attention",

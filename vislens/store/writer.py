@@ -268,9 +268,8 @@ def prepare_store(
             return StoreWriter(location)
         if not overwrite:
             raise StoreMismatchError(
-                f"{location.url} holds an extraction with different arguments "
-                f"(stored: {attrs.get('vislens_extraction', {}).get('args')}); rerun with the "
-                "original arguments to resume, pick another --out, or pass --overwrite to replace it"
+                f"{location.url} holds an extraction with different arguments ({_differences(attrs, spec)}); "
+                "rerun with the original arguments to resume, pick another --out, or pass --overwrite to replace it"
             )
         if not creator:
             return _wait_ready(location, spec, wait_s)
@@ -281,6 +280,20 @@ def prepare_store(
     location.remove()  # empty, half-created (status "creating") or --overwrite
     create_store(location, spec)
     return StoreWriter(location)
+
+
+def _differences(stored: dict[str, Any], spec: StoreSpec) -> str:
+    """The content arguments that differ between a stored extraction and a new one, old and new value."""
+    old = (stored.get("extraction") or {}).get("args") or {}
+    new = (spec.attrs.get("extraction") or {}).get("args") or {}
+    changed = [
+        f"{key}: stored {old.get(key)!r}, now {new.get(key)!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
+    if not changed:
+        return "same options, but the planned samples differ: the data set, its images or the prompts file changed"
+    return "; ".join(changed)
 
 
 def _wait_ready(location: StoreLocation, spec: StoreSpec, wait_s: float) -> StoreWriter:

@@ -9,6 +9,7 @@ placeholders expanded by the processor into ``input_ids``).
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -40,6 +41,40 @@ class NormSpec:
     eps: float
     weight: np.ndarray
     bias: np.ndarray | None = None
+
+
+ROLE_MARKER = re.compile(r"\s*\b[A-Z][A-Za-z]*:\s*$")
+"""A trailing chat role marker of a fully formatted prompt, such as ``ASSISTANT:``."""
+
+
+def instruction_core(instruction: str, placeholder: str) -> str:
+    """The instruction proper of a prompt as given.
+
+    A plain instruction is itself (stripped). A fully formatted prompt holding the image
+    placeholder (the study's ``"USER: <image>\\nWhat is ...? ASSISTANT:"``) is the text after the
+    placeholder without a trailing role marker (an upper-case word and a colon): the words
+    before the placeholder and the marker are the template's.
+    """
+    instruction = instruction.strip()
+    if placeholder and placeholder in instruction:
+        instruction = instruction.split(placeholder, 1)[1].strip()
+        instruction = ROLE_MARKER.sub("", instruction).strip()
+    return instruction
+
+
+def _instruction_span(text: str, instruction: str, placeholder: str) -> tuple[int, int]:
+    """Characters [start, end) of the instruction (`instruction_core`) inside the formatted prompt.
+
+    The first occurrence after the image placeholder (anywhere, if none after); (-1, -1) when empty.
+    """
+    core = instruction_core(instruction, placeholder)
+    if not core:
+        return -1, -1
+    after = text.find(placeholder) + len(placeholder) if placeholder and placeholder in text else 0
+    start = text.find(core, after)
+    if start < 0:
+        start = text.find(core)
+    return (start, start + len(core)) if start >= 0 else (-1, -1)
 
 
 class Adapter:
@@ -183,6 +218,55 @@ class Adapter:
             mask = inputs["attention_mask"][0].bool()
             self._count_cache[key] = (int(mask.sum()), int(self.image_mask(inputs)[0][mask].sum()))
         return self._count_cache[key]
+
+    def token_roles(self, input_ids: np.ndarray, image: np.ndarray, text: str, instruction: str) -> np.ndarray:
+        """Role of every valid token of one sample (`vislens.store.schema` ROLE_* codes), (n,) uint8.
+
+        ``input_ids`` (n,) and ``image`` (n,) bool are the processor's valid tokens and image
+        positions; ``text`` is the formatted prompt (`format_prompt`) and ``instruction`` the prompt
+        text before the template. The formatted text is tokenized alone with character offsets;
+        its tokens are aligned with the processor's (which expand image placeholders and may insert
+        markers); a token whose characters overlap the instruction is ``instruction``, the BOS token
+        ``bos``, an image position ``image``, everything else (template words, separators, inserted
+        markers, other special tokens) ``template``.
+        """
+        from difflib import SequenceMatcher
+
+        from vislens.store import schema
+
+        tok = self.tokenizer
+        if not getattr(tok, "is_fast", False):
+            raise ModelError(
+                f"{type(tok).__name__} is a slow tokenizer; vislens needs a fast one (character offsets) to tell "
+                "instruction tokens from template tokens: load the checkpoint's tokenizer.json (use_fast=True)"
+            )
+        enc = tok(text, return_offsets_mapping=True, add_special_tokens=True)
+        ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+        start, end = _instruction_span(text, instruction, self.image_placeholder)
+        bos = tok.bos_token_id
+        own = []
+        for token, (a, b) in zip(ids, offsets, strict=True):
+            if token == bos:
+                own.append(schema.ROLE_BOS)
+            elif b > a and a < end and b > start:  # covers characters of the instruction
+                own.append(schema.ROLE_INSTRUCTION)
+            else:
+                own.append(schema.ROLE_TEMPLATE)
+        roles = np.full(len(input_ids), schema.ROLE_TEMPLATE, dtype=np.uint8)
+        matcher = SequenceMatcher(None, [int(i) for i in input_ids], ids, autojunk=False)
+        for block in matcher.get_matching_blocks():
+            roles[block.a : block.a + block.size] = own[block.b : block.b + block.size]
+        roles[np.asarray(image, dtype=bool)] = schema.ROLE_IMAGE
+        if instruction_core(instruction, self.image_placeholder) and not (roles == schema.ROLE_INSTRUCTION).any():
+            raise ModelError(
+                f"no token of the instruction {instruction[:60]!r} was found in the model's input; "
+                "the prompt template dropped it (check the family's format_prompt)"
+            )
+        return roles
+
+    def logits(self, outputs: Any) -> torch.Tensor:
+        """The model's own next-token logits (batch, token, vocab) from a `forward`."""
+        return outputs.logits
 
     # ---- forward -------------------------------------------------------------------
     def forward(self, inputs: dict[str, torch.Tensor]) -> Any:
