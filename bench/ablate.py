@@ -32,7 +32,7 @@ from vislens.extract.adapters import load_adapter
 from vislens.extract.datasets import load_data, make_synthetic
 from vislens.extract.images import load_image
 from vislens.extract.prompts import Prompt
-from vislens.extract.toy_model import ToySpec, toy_model_path
+from vislens.toys import ToySpec, toy_model_path
 
 SPEC = ToySpec(image_size=96, patch_size=4, layers=4, hidden=128, heads=4, kv_heads=4, intermediate=344)
 PROMPT = Prompt(

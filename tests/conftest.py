@@ -21,7 +21,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from vislens.extract.datasets import make_synthetic  # noqa: E402
-from vislens.extract.toy_model import ToySpec, build_toy_model  # noqa: E402
+from vislens.toys import ToySpec, build_toy_model  # noqa: E402
 
 TOY_SPECS = {
     "mha": ToySpec(layers=3, heads=4, kv_heads=4, seed=1),

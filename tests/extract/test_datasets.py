@@ -15,9 +15,10 @@ import pytest
 from PIL import Image
 
 from vislens.errors import ConfigError, DataError
-from vislens.extract import ExtractConfig, ToySpec, build_toy_model, extract
+from vislens.extract import ExtractConfig, extract
 from vislens.extract.datasets import load_data
 from vislens.store import open_store
+from vislens.toys import ToySpec, build_toy_model
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 COCO = FIXTURES / "dataset_coco.json"

@@ -1,6 +1,6 @@
 """Families with a variable number of image tokens, end to end: LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Idefics3.
 
-Tiny random-init checkpoints (`vislens.extract.toy_families`) saved with ``save_pretrained`` and
+Tiny random-init checkpoints (`vislens.toys.families`) saved with ``save_pretrained`` and
 loaded back through `load_adapter`; images of four sizes give different numbers of image tokens,
 also within one batch. Every number is checked against the model's own forward, loaded directly
 with transformers (Qwen's processor without its video processor, which needs torchvision).
@@ -43,8 +43,8 @@ from vislens.extract.adapters import adapter_class, load_adapter
 from vislens.extract.adapters.qwen2_vl import image_text_processor
 from vislens.extract.datasets import make_synthetic
 from vislens.extract.prompts import Prompt
-from vislens.extract.toy_families import FAMILIES, build_toy_family
 from vislens.store import DONE, IMAGE, PADDING, TEXT, open_store
+from vislens.toys.families import FAMILIES, build_toy_family
 
 SIZES = [(64, 64), (96, 48), (40, 80), (48, 64)]  # (width, height)
 FP16 = dict(rtol=2e-3, atol=2e-3)

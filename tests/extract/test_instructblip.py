@@ -40,8 +40,8 @@ from vislens.extract import ExtractConfig, extract
 from vislens.extract.adapters import load_adapter
 from vislens.extract.adapters.instructblip import InstructBlipAdapter
 from vislens.extract.prompts import Prompt
-from vislens.extract.toy_instructblip import ToyInstructBlipSpec, build_toy_instructblip
 from vislens.store import DONE, IMAGE, PADDING, TEXT, open_store
+from vislens.toys import ToyInstructBlipSpec, build_toy_instructblip
 
 ARCHS = ["mha", "gqa"]
 SPECS = {"mha": ToyInstructBlipSpec(kv_heads=4, seed=1), "gqa": ToyInstructBlipSpec(kv_heads=2, seed=2)}

@@ -36,7 +36,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_toy(sub: argparse._SubParsersAction) -> None:
-    from vislens.extract.toy_model import TOY_FAMILIES
+    from vislens.toys import TOY_FAMILIES
 
     p = sub.add_parser(
         "toy",
@@ -51,7 +51,7 @@ def add_toy(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_toy(args: argparse.Namespace) -> int:
-    from vislens.extract.toy_model import toy_checkpoint
+    from vislens.toys import toy_checkpoint
 
     print(toy_checkpoint(args.family))
     return 0

@@ -90,7 +90,7 @@ def load_data(
             "leave it out (manifest image paths are relative to the manifest's folder)"
         )
     if spec == "synthetic" or spec.startswith("synthetic:"):
-        from vislens.extract.toy_model import default_cache_dir
+        from vislens.cache import default_cache_dir
 
         n = SYNTHETIC_DEFAULT_N
         if ":" in spec:

@@ -147,7 +147,7 @@ def _read_parquet(files: list[Path], cache_dir: Path | None) -> list[PAIR]:
             f"reading the Winoground parquet export {files[0]} needs pyarrow ({exc}); "
             "pip install pyarrow, or use the examples.jsonl + images/ copy"
         ) from None
-    from vislens.extract.toy_model import default_cache_dir
+    from vislens.cache import default_cache_dir
 
     root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "winoground-images"
     pairs: list[PAIR] = []

@@ -3,6 +3,7 @@
 Built from configs (no downloads): a tiny vision tower, a tiny Q-Former with a few query
 tokens, a Llama decoder, the toy LLaVA's BPE tokenizer for the language model and an offline
 BERT-style WordPiece tokenizer for the Q-Former, wrapped in a real `InstructBlipProcessor`.
+Norm weights (vision tower, Q-Former, decoder) are random and non-unit (`vislens.toys.norms`).
 Saved with ``save_pretrained``, it loads through the same ``from_pretrained(path)`` path as
 ``Salesforce/instructblip-vicuna-7b``.
 """
@@ -14,7 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vislens.extract.datasets.synthetic import caption_corpus
-from vislens.extract.toy_model import build_toy_tokenizer, text_config_kwargs
+from vislens.toys.norms import randomize_norms
+from vislens.toys.text import build_toy_tokenizer, text_config_kwargs
 
 QFORMER_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -138,6 +140,7 @@ def build_toy_instructblip(path: Path, spec: ToyInstructBlipSpec = ToyInstructBl
     model = InstructBlipForConditionalGeneration(config).eval()
     with torch.no_grad():  # transformers initialises the query tokens to zeros: all image tokens would be equal
         model.query_tokens.normal_(std=config.initializer_range)
+    randomize_norms(model, spec.seed)
     image_processor = BlipImageProcessor(size={"height": spec.image_size, "width": spec.image_size})
     processor = InstructBlipProcessor(
         image_processor=image_processor,

@@ -2,8 +2,8 @@
 
 ``build_toy_family(family, path)`` writes a checkpoint of ``llava_next``, ``qwen2_vl``,
 ``qwen2_5_vl`` or ``idefics3`` built from configs (no downloads): a 3-layer grouped-query decoder
-of width 64, a tiny vision tower, an offline BPE tokenizer trained on the synthetic captions with
-the family's special tokens and chat template, and the family's real processor, all saved with
+of width 64, a tiny vision tower (random non-unit norm weights throughout), an offline BPE
+tokenizer trained on the synthetic captions with the family's special tokens and chat template, and the family's real processor, all saved with
 ``save_pretrained`` so that `vislens.extract.adapters.load_adapter` loads them exactly as it loads
 the hub checkpoints. Images of different sizes give different numbers of image tokens (tens):
 
@@ -23,7 +23,8 @@ from typing import Any
 
 from vislens.errors import ConfigError
 from vislens.extract.datasets.synthetic import caption_corpus
-from vislens.extract.toy_model import text_config_kwargs
+from vislens.toys.norms import randomize_norms
+from vislens.toys.text import text_config_kwargs
 
 FAMILIES = ("llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3")
 HIDDEN = 64
@@ -55,6 +56,12 @@ def _text_config(tokenizer: Any, layers: int) -> dict[str, Any]:
     return text_config_kwargs(tokenizer, HIDDEN, 2 * HIDDEN, layers, heads=4, kv_heads=2)
 
 
+def _save(model: Any, path: Path, seed: int) -> None:
+    """Give the norms random non-unit weights, then save the model in eval mode."""
+    randomize_norms(model, seed)
+    model.eval().save_pretrained(path)
+
+
 def byte_level_tokenizer(vocab_size: int, special: list[str], extra_text: list[str], **kwargs: Any) -> Any:
     """A GPT-2-style byte-level BPE trained on the synthetic captions, the study's prompts and ``extra_text``.
 
@@ -82,7 +89,7 @@ def byte_level_tokenizer(vocab_size: int, special: list[str], extra_text: list[s
     return tokenizer
 
 
-def _llava_next(path: Path, layers: int) -> None:
+def _llava_next(path: Path, layers: int, seed: int) -> None:
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -92,7 +99,7 @@ def _llava_next(path: Path, layers: int) -> None:
         LlavaNextProcessor,
     )
 
-    from vislens.extract.toy_model import LLAVA_CHAT_TEMPLATE, build_toy_tokenizer
+    from vislens.toys.text import LLAVA_CHAT_TEMPLATE, build_toy_tokenizer
 
     tokenizer = build_toy_tokenizer(512)
     tile, patch = 12, 6
@@ -124,11 +131,11 @@ def _llava_next(path: Path, layers: int) -> None:
         num_additional_image_tokens=1,
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
-    LlavaNextForConditionalGeneration(config).eval().save_pretrained(path)
+    _save(LlavaNextForConditionalGeneration(config), path, seed)
     processor.save_pretrained(path)
 
 
-def _qwen(path: Path, layers: int, family: str) -> None:
+def _qwen(path: Path, layers: int, seed: int, family: str) -> None:
     from transformers import Qwen2VLImageProcessorPil
 
     from vislens.extract.adapters.qwen2_vl import image_text_processor
@@ -170,7 +177,7 @@ def _qwen(path: Path, layers: int, family: str) -> None:
         min_pixels=16 * 16, max_pixels=32 * 32, patch_size=4, merge_size=2, temporal_patch_size=2
     )
     processor = image_text_processor()(image_processor, tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
-    Model(config).eval().save_pretrained(path)
+    _save(Model(config), path, seed)
     processor.save_pretrained(path)
     # the folder then reads like a hub checkpoint: transformers' own processor class
     saved = path / "processor_config.json"
@@ -179,7 +186,7 @@ def _qwen(path: Path, layers: int, family: str) -> None:
     saved.write_text(json.dumps(doc, indent=2))
 
 
-def _idefics3(path: Path, layers: int) -> None:
+def _idefics3(path: Path, layers: int, seed: int) -> None:
     from transformers import (
         Idefics3Config,
         Idefics3ForConditionalGeneration,
@@ -211,7 +218,7 @@ def _idefics3(path: Path, layers: int) -> None:
     processor = Idefics3Processor(
         image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4, chat_template=IDEFICS3_CHAT_TEMPLATE
     )
-    Idefics3ForConditionalGeneration(config).eval().save_pretrained(path)
+    _save(Idefics3ForConditionalGeneration(config), path, seed)
     processor.save_pretrained(path)
 
 
@@ -230,10 +237,10 @@ def build_toy_family(family: str, path: str | Path, *, layers: int = 3, seed: in
     path = Path(path)
     torch.manual_seed(seed)
     if family == "llava_next":
-        _llava_next(path, layers)
+        _llava_next(path, layers, seed)
     elif family == "idefics3":
-        _idefics3(path, layers)
+        _idefics3(path, layers, seed)
     else:
-        _qwen(path, layers, family)
+        _qwen(path, layers, seed, family)
     (path / "vislens_toy.json").write_text(json.dumps({"family": family, "layers": layers, "seed": seed}))
     return path
