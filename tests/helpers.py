@@ -58,12 +58,16 @@ def instruction_positions(processor, prompt: str, input_ids, image_token_id: int
 
 def assert_instruction_roles(acts, s: int, tokenizer) -> None:
     """The tokens stored with role ``instruction`` decode to the sample's prompt text (whitespace
-    collapsed), BOS is never one of them, and the empty prompt has none."""
+    collapsed; of a fully formatted prompt, the words between ``<image>`` and ``ASSISTANT:``), BOS
+    is never one of them, and the empty prompt has none."""
     from vislens.store.schema import ROLE_BOS, ROLE_INSTRUCTION
 
     roles = acts.token_role[s].values
     ids = acts.token_id[s].values[roles == ROLE_INSTRUCTION]
-    prompt = " ".join(str(acts.prompt_text[s].values).split())
+    prompt = str(acts.prompt_text[s].values)
+    if "<image>" in prompt:  # a fully formatted LLaVA prompt: the words between <image> and ASSISTANT:
+        prompt = prompt.split("<image>")[1].strip().removesuffix("ASSISTANT:")
+    prompt = " ".join(prompt.split())
     decoded = " ".join(tokenizer.decode([int(i) for i in ids]).split())
     assert decoded == prompt, (s, decoded, prompt)
     assert (roles == ROLE_BOS).sum() <= 1 and not (acts.token_id[s].values[roles == ROLE_INSTRUCTION] == tokenizer.bos_token_id).any()

@@ -87,3 +87,47 @@ def test_means_per_prompt_kind(analysis_stores):
         rows = per_sample.where(per_sample.prompt_kind == kind, drop=True)
         np.testing.assert_allclose(means.sel(prompt_kind=kind)["recall"].values, rows["recall"].mean("sample").values)
         assert int(means.sel(prompt_kind=kind)["n_samples"]) == 6
+
+
+@pytest.mark.parametrize("arch", ["mha", "gqa"])
+def test_scores_equal_an_independent_recount(analysis_stores, toy_models, arch):
+    """precision, token_precision and recall recomputed from scratch: the model's own final norm and
+    lm_head on the stored states (the last layer as is), each image token's top-1 id decoded alone
+    with the model's tokenizer, against the captions' words (docs/methods.md, analysis 1)."""
+    import re
+
+    from vislens.analyze.words import stop_words
+
+    tree = open_store(analysis_stores[arch])
+    ours = logit_lens_per_sample(tree, cache=False)
+    acts = tree["activations"].to_dataset()
+    caps = tree["captions"].to_dataset()
+    model, processor = load_reference(toy_models[arch])
+    tok = processor.tokenizer
+    norm, head = decoder_of(model).norm, model.get_output_embeddings()
+    stop, special = stop_words(), set(tok.all_special_ids)
+
+    def word(token_id: int) -> str | None:
+        text = "".join(re.findall(r"[^\W_]+", tok.decode([token_id]).strip().lower()))
+        return None if token_id in special or not text or text in stop else text
+
+    last = acts.sizes["layer"] - 1
+    for s in range(acts.sizes["sample"]):
+        i = int(acts.image_index[s])
+        captions = [str(c) for c in caps.text[i, : int(caps.n_captions[i])].values]
+        reference = {w for c in captions for w in re.findall(r"[^\W_]+", c.lower()) if w not in stop}
+        image = acts.modality[s].values == 1
+        states = torch.from_numpy(acts.hidden[s].values[:, image].astype(np.float32))
+        with torch.no_grad():
+            for layer in range(acts.sizes["layer"]):
+                h = states[layer] if layer == last else norm(states[layer])
+                words = [word(int(t)) for t in head(h).argmax(-1)]
+                decoded = {w for w in words if w}
+                hits = decoded & reference
+                expected = [
+                    len(hits) / len(decoded) if decoded else 0.0,
+                    sum(w in reference for w in words if w) / max(1, sum(1 for w in words if w)),
+                    len(hits) / len(reference),
+                ]
+                got = [float(ours[name][s, layer]) for name in ("precision", "token_precision", "recall")]
+                np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=f"sample {s} layer {layer}")

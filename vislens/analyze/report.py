@@ -69,6 +69,12 @@ def _section_html(title: str, text: str, files: dict[str, Path], out: Path) -> s
     return "\n".join(parts) + "</section>"
 
 
+STUDY = (
+    "The study: Wei Houjing, <i>Investigating Multimodal Interaction in Vision Large Language Models</i>, "
+    "JAIST master's thesis, 2025. Every definition as vislens implements it: docs/methods.md in the vislens "
+    "repository."
+)
+
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1150px;color:#222}
 img{max-width:100%;border:1px solid #ddd} figure{margin:1rem 0}
@@ -96,7 +102,7 @@ def write_report(
     with_acts = [t for t in trees if "activations" in t.children]
     plan: list[tuple[str, str, Callable[[], dict[str, Path]], list]] = [
         (
-            "Logit lens on image tokens (figures 3.1, 3.2)",
+            "Logit lens on image tokens (the study's figures 3.1, 3.2)",
             f"Precision (distinct words), token precision (per image token) and recall of the words decoded from "
             f"each image token on its own (top-{top_k}, final norm applied) against the reference captions, per layer "
             "and prompt kind. Definitions: docs/methods.md.",
@@ -104,7 +110,7 @@ def write_report(
             with_acts,
         ),
         (
-            "Inter-modal cosine similarity (figures 4.1 to 4.4)",
+            "Inter-modal cosine similarity (the study's figures 4.1 to 4.4)",
             f"Mean cosine similarity between image-token and {text_tokens}-token hidden states per layer (and within each "
             "modality), per store (e.g. 7B vs 13B) and prompt kind. Definitions: docs/methods.md.",
             lambda: write_cosine(with_acts, out / "cosine", text_tokens=text_tokens, by=by, backend=backend),
@@ -114,7 +120,7 @@ def write_report(
     with_attn = [t for t in with_acts if "attention" in t.children]
     plan.append(
         (
-            "Norm-based attention (figure 4.5)",
+            "Norm-based attention (the study's figure 4.5)",
             "Share of the text queries' norm-based attention that lands on image tokens per layer; heatmaps of the last "
             "prompt token's norm-based attention (layers x tokens) and the most-attended image tokens in the patch grid.",
             lambda: write_norm_attention(
@@ -129,7 +135,7 @@ def write_report(
 
         plan.append(
             (
-                "Image-token ablations (figures 4.6, 4.7)",
+                "Image-token ablations (the study's figures 4.6, 4.7)",
                 "Caption loss against the number of image tokens kept (with the study's threshold), and per masked "
                 "image token or interval.",
                 lambda: write_ablation(ablation, out / "ablation"),
@@ -142,7 +148,7 @@ def write_report(
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>vislens report</title><style>{STYLE}</style></head>"
-        f"<body><h1>vislens report</h1><p>vislens {vislens.__version__}, {stamp}</p><h2>Stores</h2>{stores}\n{body}</body></html>"
+        f"<body><h1>vislens report</h1><p>vislens {vislens.__version__}, {stamp}. {STUDY}</p><h2>Stores</h2>{stores}\n{body}</body></html>"
     )
     index = out / "index.html"
     index.write_text(page, encoding="utf-8")

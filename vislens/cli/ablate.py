@@ -35,7 +35,7 @@ def add_ablate(sub: argparse._SubParsersAction) -> None:
         description=(
             "For every image and prompt, the teacher-forced loss of a reference caption (mean cross-entropy of "
             "the caption tokens; input = the prompt in the chat template, a space, the caption) with image "
-            "tokens truncated or masked (METHODS.md, analysis 4). One pass over the image prefix serves every "
+            "tokens truncated or masked (docs/methods.md, analysis 4). One pass over the image prefix serves every "
             "setting. Results go to the store's ablation group; rerunning the same command resumes."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -120,8 +120,8 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 def add_ablation_analysis(asub: argparse._SubParsersAction) -> None:
     c = asub.add_parser(
         "ablation",
-        help="loss vs image tokens kept or masked (figures 4.6, 4.7)",
-        description="Summaries of a `vislens ablate` group (METHODS.md, analysis 4): truncation curves per prompt "
+        help="loss vs image tokens kept or masked (the study's figures 4.6, 4.7)",
+        description="Summaries of a `vislens ablate` group (docs/methods.md, analysis 4): truncation curves per prompt "
         "with the study's threshold and the smallest fraction of image tokens giving 70%% of the loss reduction, "
         "or the loss per masked token/interval; CSV tables and PNG figures in DIR.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -1,4 +1,4 @@
-"""Mean cosine similarity between two sets of rows (METHODS.md, analysis 2), in one pass.
+"""Mean cosine similarity between two sets of rows (docs/methods.md, analysis 2), in one pass.
 
 Uses the exact identity mean_ij cos(a_i, b_j) = mean_i(a_i/|a_i|) . mean_j(b_j/|b_j|): the
 kernels only sum unit rows (fp32 accumulation), never forming the m x n matrix.
