@@ -104,3 +104,24 @@ def test_dask_cluster_equals_serial(analysis_stores, dask_cluster):
     with dask.config.set(scheduler="synchronous"):
         serial = cosine_per_sample(tree).compute()
     np.testing.assert_array_equal(on_cluster["inter_modal"].values, serial["inter_modal"].values)
+
+
+def test_results_per_prompt(analysis_stores):
+    """--by prompt: one row per (kind, prompt id), the mean of exactly that prompt's samples."""
+    tree = open_store(analysis_stores["gqa"])
+    per_sample = cosine_per_sample(tree).compute()
+    by_prompt = cosine(tree, by="prompt")
+    ids = per_sample["prompt_id"].values.astype(str)
+    kinds = per_sample["prompt_kind"].values.astype(str)
+    assert by_prompt.sizes["prompt"] == len(set(zip(kinds, ids)))
+    for key in by_prompt["prompt"].values:
+        kind, pid = str(key).split(":", 1)
+        rows = (kinds == kind) & (ids == pid)
+        row = by_prompt.sel(prompt=key)
+        assert str(row["prompt_kind"].values) == kind and str(row["prompt_id"].values) == pid
+        assert int(row["n_samples"]) == rows.sum()
+        np.testing.assert_allclose(
+            row["intra_image"].values, per_sample["intra_image"].values[rows].mean(0), rtol=1e-6
+        )
+    table = cosine_table([analysis_stores["gqa"]], by="prompt")
+    assert {"prompt_id", "prompt_text"} <= set(table.columns)

@@ -128,3 +128,24 @@ def test_output_path_holding_something_else_is_refused(toy_models, manifest, tmp
         _extract(toy_models["mha"], manifest, out)
     assert (out / "thesis.tex").read_text() == "precious"
     assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+
+
+def test_fixed_noisy_prompts_from_a_file(toy_models, manifest, tmp_path):
+    """--noisy-prompts-file: the study prints its own noisy strings; they are used as given, cycled
+    over the images, their ids kept, and their tokens are the instruction."""
+    from tests.helpers import assert_instruction_roles
+    from vislens.store.schema import ROLE_INSTRUCTION
+
+    strings = {"n1": "square large blue the of", "n2": "circle ASSISTANT: green small"}
+    path = tmp_path / "noisy.json"
+    path.write_text(json.dumps(strings))
+    _extract(toy_models["gqa"], manifest, tmp_path / "s.zarr", prompts=("noisy",), noisy_prompts_file=str(path), limit=3)
+    tree = open_store(str(tmp_path / "s.zarr"))
+    acts = tree["activations"].to_dataset()
+    assert [str(v) for v in acts.prompt_id.values] == ["n1", "n2", "n1"]
+    assert [str(v) for v in acts.prompt_text.values] == [strings["n1"], strings["n2"], strings["n1"]]
+    assert tree.attrs["prompts"]["noisy_file"] == str(path)
+    _, processor = load_reference(toy_models["gqa"])
+    for s in range(3):
+        assert (acts.token_role[s].values == ROLE_INSTRUCTION).sum() >= 4
+        assert_instruction_roles(acts, s, processor.tokenizer)
