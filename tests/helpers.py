@@ -70,7 +70,9 @@ def assert_instruction_roles(acts, s: int, tokenizer) -> None:
     prompt = " ".join(prompt.split())
     decoded = " ".join(tokenizer.decode([int(i) for i in ids]).split())
     assert decoded == prompt, (s, decoded, prompt)
-    assert (roles == ROLE_BOS).sum() <= 1 and not (acts.token_id[s].values[roles == ROLE_INSTRUCTION] == tokenizer.bos_token_id).any()
+    assert (roles == ROLE_BOS).sum() <= 1 and not (
+        acts.token_id[s].values[roles == ROLE_INSTRUCTION] == tokenizer.bos_token_id
+    ).any()
 
 
 def decoder_of(model):

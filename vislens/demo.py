@@ -7,8 +7,8 @@ from pathlib import Path
 from vislens.analyze.outputs import write_cosine
 from vislens.analyze.report import write_report
 from vislens.extract import ExtractConfig, extract
-from vislens.toys import toy_model_path
 from vislens.store import open_store
+from vislens.toys import toy_model_path
 
 
 def run_demo(

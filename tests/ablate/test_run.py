@@ -36,6 +36,11 @@ def test_store_holds_everything_needed_to_recompute_a_setting(toy_models, hf, ma
     tree = open_store(str(out))  # a valid vislens store: version, status and safety checks
     assert tree.attrs["vislens_format_version"] == FORMAT_VERSION and tree.attrs["vislens_status"] == "ready"
     assert set(tree.children) >= {"ablation", "captions"}
+    from vislens.store.inspect import format_info, info
+
+    report = info(str(out))  # an ablation-only store counts its (image, prompt) pairs, not "0 samples"
+    assert report["unit"] == "ablation pairs" and report["samples"]["total"] == 10 and report["samples"]["done"] == 10
+    assert "ablation pairs 10 done / 10 total" in format_info(report)
     ds = _load(out)
     assert ds["loss"].dims == ("sample", "prompt", "k") and ds["loss"].dtype == np.float32
     np.testing.assert_array_equal(ds["k"], [0, 3, 7, 25])

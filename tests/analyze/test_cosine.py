@@ -47,7 +47,9 @@ def test_cosine_equals_brute_force_on_the_models_own_states(analysis_stores, toy
         hidden = hidden_of(outputs)
         image = (inputs["input_ids"][0] == model.config.image_token_id).numpy()
         instruction = np.zeros_like(image)
-        instruction[instruction_positions(processor, prompt, inputs["input_ids"][0], model.config.image_token_id)] = True
+        instruction[instruction_positions(processor, prompt, inputs["input_ids"][0], model.config.image_token_id)] = (
+            True
+        )
         assert not instruction[0]  # BOS is never an instruction token
         roles = acts.token_role[s, : image.size].values
         np.testing.assert_array_equal(roles == ROLE_INSTRUCTION, instruction, err_msg=f"sample {s}: {prompt!r}")
@@ -56,7 +58,9 @@ def test_cosine_equals_brute_force_on_the_models_own_states(analysis_stores, toy
         for text_tokens, text in (("instruction", instruction), ("all", ~image)):
             for layer in range(hidden.shape[0]):
                 h = hidden[layer]
-                got = [float(ours[text_tokens][name][s, layer]) for name in ("inter_modal", "intra_image", "intra_text")]
+                got = [
+                    float(ours[text_tokens][name][s, layer]) for name in ("inter_modal", "intra_image", "intra_text")
+                ]
                 if not text.any():  # the empty prompt has no instruction: NaN, never a mean over other tokens
                     assert np.isnan(got[0]) and np.isnan(got[2])
                     continue
@@ -120,8 +124,6 @@ def test_results_per_prompt(analysis_stores):
         row = by_prompt.sel(prompt=key)
         assert str(row["prompt_kind"].values) == kind and str(row["prompt_id"].values) == pid
         assert int(row["n_samples"]) == rows.sum()
-        np.testing.assert_allclose(
-            row["intra_image"].values, per_sample["intra_image"].values[rows].mean(0), rtol=1e-6
-        )
+        np.testing.assert_allclose(row["intra_image"].values, per_sample["intra_image"].values[rows].mean(0), rtol=1e-6)
     table = cosine_table([analysis_stores["gqa"]], by="prompt")
     assert {"prompt_id", "prompt_text"} <= set(table.columns)

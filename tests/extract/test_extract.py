@@ -139,7 +139,9 @@ def test_fixed_noisy_prompts_from_a_file(toy_models, manifest, tmp_path):
     strings = {"n1": "square large blue the of", "n2": "circle ASSISTANT: green small"}
     path = tmp_path / "noisy.json"
     path.write_text(json.dumps(strings))
-    _extract(toy_models["gqa"], manifest, tmp_path / "s.zarr", prompts=("noisy",), noisy_prompts_file=str(path), limit=3)
+    _extract(
+        toy_models["gqa"], manifest, tmp_path / "s.zarr", prompts=("noisy",), noisy_prompts_file=str(path), limit=3
+    )
     tree = open_store(str(tmp_path / "s.zarr"))
     acts = tree["activations"].to_dataset()
     assert [str(v) for v in acts.prompt_id.values] == ["n1", "n2", "n1"]

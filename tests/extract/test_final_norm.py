@@ -24,7 +24,13 @@ from vislens.store import open_store
 
 def _config(model: Path, manifest: Path, out: Path) -> ExtractConfig:
     return ExtractConfig(
-        model=str(model), data=str(manifest), out=str(out), prompts=("normal",), limit=3, progress=False, attention="none"
+        model=str(model),
+        data=str(manifest),
+        out=str(out),
+        prompts=("normal",),
+        limit=3,
+        progress=False,
+        attention="none",
     )
 
 
@@ -90,7 +96,9 @@ def test_a_last_state_without_the_norm_is_detected_and_normed_by_the_lens(toy_mo
 
 def test_logits_that_neither_reading_reproduces_are_refused(toy_models, manifest, tmp_path):
     loaded = load_adapter(str(toy_models["gqa"]))
-    loaded.adapter.logits = types.MethodType(lambda self, outputs: 30.0 * torch.tanh(outputs.logits / 30.0) + 1.0, loaded.adapter)
+    loaded.adapter.logits = types.MethodType(
+        lambda self, outputs: 30.0 * torch.tanh(outputs.logits / 30.0) + 1.0, loaded.adapter
+    )
     with pytest.raises(ModelError, match="match neither lm_head"):
         extract(_config(toy_models["gqa"], manifest, tmp_path / "s.zarr"), loaded=loaded)
     assert not (tmp_path / "s.zarr").exists()

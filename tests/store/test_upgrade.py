@@ -46,7 +46,9 @@ def test_v1_reads_in_the_v2_layout(v1):
     assert _files(v1) == before  # nothing on disk changed
     assert info(str(v1))["format_version"] == 1
     assert verify(str(v1)) == []
-    np.testing.assert_array_equal(read_layer(str(v1), 2, array="attention/attn"), tree["attention"]["attn"].values[:, 1])
+    np.testing.assert_array_equal(
+        read_layer(str(v1), 2, array="attention/attn"), tree["attention"]["attn"].values[:, 1]
+    )
 
 
 def test_analyses_on_a_v1_store(v1):

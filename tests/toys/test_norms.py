@@ -48,7 +48,11 @@ def test_norms_follow_the_seed(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
         num_key_value_heads=1,
     )
     a, b, c = (LlamaForCausalLM(config) for _ in range(3))

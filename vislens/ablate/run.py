@@ -134,7 +134,9 @@ def _spec(
         caption=[by_sample[s] for s in range(len(data.records))],
         prompt_id=[p.id for p in prompts],
         prompt_text=[p.text for p in prompts],
-        captions=CaptionData([r.id for r in data.records], [r.captions for r in data.records]),
+        captions=CaptionData(
+            [r.id for r in data.records], [r.captions for r in data.records], [r.image for r in data.records]
+        ),
         root_attrs={"vislens_version": vislens.__version__, **provenance, "ablation": {"args": args, **run}},
     )
 

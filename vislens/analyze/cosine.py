@@ -50,7 +50,9 @@ def text_mask(roles_or_modality: np.ndarray, text_tokens: str) -> np.ndarray:
     return roles_or_modality == TEXT
 
 
-def _block_stats(hidden: np.ndarray, tokens: np.ndarray, modality: np.ndarray, text_tokens: str, backend: str) -> np.ndarray:
+def _block_stats(
+    hidden: np.ndarray, tokens: np.ndarray, modality: np.ndarray, text_tokens: str, backend: str
+) -> np.ndarray:
     """(k, layer, token, d_model), (k, token) text selector and modality -> (k, layer, 3) float32."""
     from vislens.kernels import mean_cosine
 
@@ -103,12 +105,20 @@ def cosine_per_sample(
         kwargs={"backend": backend, "text_tokens": text_tokens},
     )
     out = xr.Dataset({name: stats.isel(stat=i, drop=True) for i, name in enumerate(STATS)})
+    out["inter_modal"].attrs = {"long_name": f"mean cosine similarity of image-token and {text_tokens}-token states"}
+    out["intra_image"].attrs = {"long_name": "mean cosine similarity of pairs of distinct image-token states"}
+    out["intra_text"].attrs = {"long_name": f"mean cosine similarity of pairs of distinct {text_tokens}-token states"}
     out.attrs["text_tokens"] = text_tokens
     return out.assign_coords(sample_coords(acts))
 
 
 def cosine(
-    store: StoreLike, *, text_tokens: str = "instruction", by: str = "kind", backend: str = "auto", samples_per_task: int = 4
+    store: StoreLike,
+    *,
+    text_tokens: str = "instruction",
+    by: str = "kind",
+    backend: str = "auto",
+    samples_per_task: int = 4,
 ) -> xr.Dataset:
     """Mean over samples of each statistic, per prompt kind or prompt (``by``) and layer.
 

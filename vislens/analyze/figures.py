@@ -12,18 +12,21 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+MARKERS = "osD^vP*Xh<>"
+LINESTYLES = ("-", "--", "-.", ":")
 
-def _series_label(row_store: str, key: str, several_stores: bool) -> str:
-    return f"{Path(row_store.rstrip('/')).name or row_store} · {key}" if several_stores else key
 
-
-def _series(table: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
-    """(store, prompt kind or kind:id, rows) of each line to draw."""
+def _series(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(legend label, rows) of each line: one per store (model and short path, when several) and
+    prompt kind or prompt (kind:id)."""
+    several = table["store"].nunique() > 1
+    store_name = table["series"] if "series" in table.columns else table["store"]
     if "prompt_id" in table.columns:
-        keyed = table.assign(_key=table["prompt_kind"].astype(str) + ":" + table["prompt_id"].astype(str))
+        key = table["prompt_kind"].astype(str) + ":" + table["prompt_id"].astype(str)
     else:
-        keyed = table.assign(_key=table["prompt_kind"].astype(str))
-    return [(store, key, rows) for (store, key), rows in keyed.groupby(["store", "_key"], sort=True)]
+        key = table["prompt_kind"].astype(str)
+    labels = (store_name.astype(str) + " · " + key) if several else key
+    return [(name, rows) for name, rows in table.assign(_label=labels).groupby("_label", sort=True)]
 
 
 def plot_lines(
@@ -37,11 +40,18 @@ def plot_lines(
 ) -> Path:
     """One panel per column: value vs layer, one line per (store, prompt kind or prompt)."""
     path = Path(path)
-    several = table["store"].nunique() > 1
     fig, axes = plt.subplots(1, len(columns), figsize=(5.2 * len(columns), 3.8 + (0.3 if note else 0)), squeeze=False)
     for ax, column, title in zip(axes[0], columns, titles or columns):
-        for store, key, rows in _series(table):
-            ax.plot(rows["layer"], rows[column], marker="o", markersize=3, label=_series_label(store, key, several))
+        for i, (name, rows) in enumerate(_series(table)):
+            ax.plot(  # markers and dash styles keep coinciding lines visible
+                rows["layer"],
+                rows[column],
+                marker=MARKERS[i % len(MARKERS)],
+                markersize=4,
+                markerfacecolor="none",
+                linestyle=LINESTYLES[i % len(LINESTYLES)],
+                label=name,
+            )
         ax.set_xlabel("layer (0 = embeddings, l = output of decoder layer l)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
@@ -124,16 +134,48 @@ def plot_heatmap(
     return path
 
 
-def plot_grid(values: np.ndarray, path: str | Path, *, title: str) -> Path:
-    """Norm-based attention over the image-token patch grid (rows x cols)."""
+def plot_grid(values: np.ndarray, path: str | Path, *, title: str, image: str | None = None, label: str = "") -> Path:
+    """Norm-based attention over the image-token patch grid (rows x cols), drawn over the image.
+
+    ``image`` (a path) is shown underneath when the file can be read: centre-cropped to a square
+    for a square grid (as CLIP-style processors crop), else resized to the grid; ``label`` names
+    the colour bar.
+    """
     path = Path(path)
-    fig, ax = plt.subplots(figsize=(4, 3.6))
-    im = ax.imshow(values, cmap="magma", interpolation="nearest")
+    rows, cols = values.shape
+    fig, ax = plt.subplots(figsize=(4.4, 3.8))
+    picture = _picture(image, rows, cols)
+    extent = (-0.5, cols - 0.5, rows - 0.5, -0.5)
+    if picture is not None:
+        ax.imshow(picture, extent=extent, interpolation="bilinear")
+    im = ax.imshow(
+        values, cmap="magma", interpolation="nearest", extent=extent, alpha=0.6 if picture is not None else 1
+    )
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("patch column")
     ax.set_ylabel("patch row")
-    fig.colorbar(im, ax=ax)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    fig.colorbar(im, ax=ax, label=label or "norm-based attention")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _picture(image: str | None, rows: int, cols: int) -> np.ndarray | None:
+    """The image as the patch grid sees it, or None when it cannot be read here."""
+    if not image:
+        return None
+    try:
+        from PIL import Image
+
+        with Image.open(image) as opened:
+            picture = opened.convert("RGB")
+    except (OSError, ValueError):
+        return None
+    if rows == cols:
+        side = min(picture.size)
+        left, top = (picture.width - side) // 2, (picture.height - side) // 2
+        picture = picture.crop((left, top, left + side, top + side))
+    return np.asarray(picture)

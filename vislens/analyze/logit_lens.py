@@ -142,7 +142,12 @@ def cached_topk(
 
 
 def _block_scores(
-    top: np.ndarray, modality: np.ndarray, image_index: np.ndarray, *, vocabulary: Vocabulary, references: list[set[str]]
+    top: np.ndarray,
+    modality: np.ndarray,
+    image_index: np.ndarray,
+    *,
+    vocabulary: Vocabulary,
+    references: list[set[str]],
 ) -> np.ndarray:
     """(s, layer, token, k) ids -> (s, layer, 3) precision, token_precision, recall."""
     s, n_layers = top.shape[:2]
@@ -193,11 +198,13 @@ def logit_lens_per_sample(
     )
     values = compute(values, progress=progress)
     out = xr.Dataset({name: values.isel(score=i, drop=True) for i, name in enumerate(SCORES)})
-    out["precision"].attrs["long_name"] = "distinct decoded words found in the references / distinct decoded words"
-    out["token_precision"].attrs["long_name"] = (
-        "image tokens whose decoded word is a reference word / image tokens that decoded to a word"
-    )
-    out["recall"].attrs["long_name"] = "distinct reference words that were decoded / distinct reference words"
+    long_names = {
+        "precision": "distinct decoded words found in the references / distinct decoded words",
+        "token_precision": "image tokens whose decoded word is a reference word / image tokens that decoded to a word",
+        "recall": "distinct reference words that were decoded / distinct reference words",
+    }
+    for name, text in long_names.items():
+        out[name].attrs = {"long_name": text}
     out.attrs.update(
         top_k=top_k,
         stop_words=STOPWORDS,

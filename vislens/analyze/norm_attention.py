@@ -104,11 +104,13 @@ def norm_attention_per_sample(store: StoreLike, *, backend: str = "auto", sample
     )
     out = xr.Dataset({"image_share": share, "image_share_after_image": after, "last_query": last})
     out["layer"] = attention["layer"]
-    out["image_share"].attrs["long_name"] = "share of the text queries' norm-based attention on image tokens"
-    out["image_share_after_image"].attrs["long_name"] = (
-        "share of norm-based attention on image tokens, text queries after the first image token"
-    )
-    out["last_query"].attrs["long_name"] = "norm-based attention from the last prompt token to each token"
+    long_names = {
+        "image_share": "share of the text queries' norm-based attention on image tokens",
+        "image_share_after_image": "share of norm-based attention on image tokens, text queries after the first image token",
+        "last_query": "norm-based attention from the last prompt token to each token",
+    }
+    for name, text in long_names.items():
+        out[name].attrs = {"long_name": text}
     return out.assign_coords(sample_coords(acts))
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 import xarray as xr
 
 import vislens
-from vislens.analyze.common import label
+from vislens.analyze.common import completeness, label, model_name, require_complete, store_labels
 
 Section = tuple[str, str, dict[str, Path]]
 """(title, explanation, files written)."""
@@ -19,29 +19,41 @@ Section = tuple[str, str, dict[str, Path]]
 
 def _stores_table(trees: list[xr.DataTree]) -> pd.DataFrame:
     rows = []
-    for tree in trees:
+    for tree, name in zip(trees, store_labels(trees)):
         model, data, prompts = tree.attrs.get("model", {}), tree.attrs.get("dataset", {}), tree.attrs.get("prompts", {})
-        acts = tree["activations"] if "activations" in tree.children else None
-        done = int((acts["done"].values == 1).sum()) if acts is not None else 0
+        done, total = completeness(tree)
         rows.append(
             {
                 "store": label(tree),
-                "model": model.get("name_or_path", ""),
+                "shown as": name,
+                "model": model_name(tree),
                 "architecture": f"{model.get('architecture', '')} ({model.get('n_layers', '?')} layers, "
                 f"{model.get('n_heads', '?')} heads / {model.get('n_kv_heads', '?')} kv)",
                 "data set": f"{data.get('name', '')} {data.get('split', '')} ({data.get('n_images', '?')} images)",
                 "prompt kinds": ", ".join(prompts.get("kinds", [])),
-                "samples done": done,
+                "samples": f"{done} of {total} done" if done < total else f"all {total} done",
             }
         )
     return pd.DataFrame(rows)
 
 
-def _wide(table: pd.DataFrame, value: str) -> pd.DataFrame:
-    """layer x (store, prompt kind) for reading a curve at a glance."""
+KEYS = {"store", "model", "series", "prompt_kind", "prompt_id", "prompt_text", "layer", "text_tokens"}
+COUNTS = {"n_samples", "n_text_samples", "samples_done", "samples_total"}
+
+
+def _wide(table: pd.DataFrame) -> pd.DataFrame:
+    """layer x (metric, series and prompt): every metric of an analysis, each curve in a column."""
     frame = table.copy()
-    frame["series"] = frame["store"].map(lambda s: Path(s.rstrip("/")).name) + " · " + frame["prompt_kind"]
-    return frame.pivot_table(index="layer", columns="series", values=value).round(4)
+    several = frame["store"].nunique() > 1
+    key = frame["prompt_kind"].astype(str)
+    if "prompt_id" in frame.columns:
+        key = key + ":" + frame["prompt_id"].astype(str)
+    frame["curve"] = (frame["series"].astype(str) + " · " + key) if several and "series" in frame else key
+    metrics = [
+        c for c in frame.columns if c not in KEYS | COUNTS | {"curve"} and pd.api.types.is_numeric_dtype(frame[c])
+    ]
+    parts = [frame.pivot_table(index="layer", columns="curve", values=m).round(4) for m in metrics]
+    return pd.concat(parts, axis=1, keys=metrics)
 
 
 def _section_html(title: str, text: str, files: dict[str, Path], out: Path) -> str:
@@ -55,13 +67,9 @@ def _section_html(title: str, text: str, files: dict[str, Path], out: Path) -> s
     for name, path in files.items():
         if name.endswith(".csv"):
             table = pd.read_csv(path)
-            value = next((c for c in ("recall", "inter_modal", "image_share", "mean_loss") if c in table.columns), None)
-            shown = (
-                _wide(table, value)
-                if value and {"layer", "prompt_kind", "store"} <= set(table.columns)
-                else table.head(40)
-            )
-            caption = f"{name}: {value} by layer" if shown is not table else f"{name} (first rows)"
+            by_layer = {"layer", "prompt_kind", "store"} <= set(table.columns)
+            shown = _wide(table) if by_layer else table.head(40)
+            caption = f"{name}: every metric by layer" if by_layer else f"{name} (first rows)"
             parts.append(
                 f'<details open><summary>{html.escape(caption)} · <a href="{html.escape(str(path.relative_to(out)))}">csv</a>'
                 f"</summary>{shown.to_html(border=0, classes='table')}</details>"
@@ -93,10 +101,16 @@ def write_report(
     by: str = "kind",
     backend: str = "auto",
     progress: bool = False,
+    require: bool = False,
 ) -> Path:
-    """Run every analysis the stores support into ``out`` and write ``out/index.html``."""
+    """Run every analysis the stores support into ``out`` and write ``out/index.html``.
+
+    ``require``: refuse partial stores (else each table and caption says how many samples it covers).
+    """
     from vislens.analyze.outputs import write_cosine, write_logit_lens, write_norm_attention
 
+    if require:
+        require_complete(trees)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with_acts = [t for t in trees if "activations" in t.children]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vislens.cli.common import storage_options
+from vislens.cli.common import HelpFormatter, storage_options
 
 
 def _ks(text: str) -> tuple[int, ...]:
@@ -38,7 +38,7 @@ def add_ablate(sub: argparse._SubParsersAction) -> None:
             "tokens truncated or masked (docs/methods.md, analysis 4). One pass over the image prefix serves every "
             "setting. Results go to the store's ablation group; rerunning the same command resumes."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", required=True, help="checkpoint folder or hub id (e.g. llava-hf/llava-1.5-7b-hf)")
     p.add_argument("--data", required=True, help="data spec: JSONL manifest, synthetic[:N], coco:PATH, winoground:PATH")
@@ -122,9 +122,9 @@ def add_ablation_analysis(asub: argparse._SubParsersAction) -> None:
         "ablation",
         help="loss vs image tokens kept or masked (the study's figures 4.6, 4.7)",
         description="Summaries of a `vislens ablate` group (docs/methods.md, analysis 4): truncation curves per prompt "
-        "with the study's threshold and the smallest fraction of image tokens giving 70%% of the loss reduction, "
+        "with the study's threshold and the smallest fraction of image tokens giving 70% of the loss reduction, "
         "or the loss per masked token/interval; CSV tables and PNG figures in DIR.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     c.add_argument("store", metavar="STORE", help="store path or URL")
     c.add_argument("--out", required=True, help="output folder")

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from vislens.cli.ablate import add_ablation_analysis
-from vislens.cli.common import dask_context, storage_options
+from vislens.cli.common import HelpFormatter, dask_context, storage_options
 
 BACKENDS = ["auto", "numba", "torch", "triton"]
 
@@ -18,6 +18,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--workers", type=int, default=0, help="run on a local Dask cluster of N worker processes (0: threads)"
     )
     p.add_argument("--storage-options", help="JSON fsspec options for the store URLs")
+    p.add_argument(
+        "--require-complete",
+        action="store_true",
+        help="refuse a store whose extraction has not finished (default: analyse its finished samples, with a warning)",
+    )
     p.add_argument(
         "--by",
         default="kind",
@@ -31,7 +36,7 @@ def add_analyze(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
         "analyze", help="analyses over stores (no model needed)", description="Analyses over one or more stores."
     )
     asub = p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
 
     c = asub.add_parser(
         "cosine",
@@ -104,7 +109,14 @@ def _cmd_cosine(args: argparse.Namespace) -> int:
 
     with dask_context(args.workers):
         return _report(
-            write_cosine(_open(args), Path(args.out), text_tokens=args.text_tokens, by=args.by, backend=args.backend)
+            write_cosine(
+                _open(args),
+                Path(args.out),
+                text_tokens=args.text_tokens,
+                by=args.by,
+                backend=args.backend,
+                require=args.require_complete,
+            )
         )
 
 
@@ -114,7 +126,13 @@ def _cmd_logit_lens(args: argparse.Namespace) -> int:
     with dask_context(args.workers):
         return _report(
             write_logit_lens(
-                _open(args), Path(args.out), top_k=args.top_k, by=args.by, cache=not args.no_cache, progress=True
+                _open(args),
+                Path(args.out),
+                top_k=args.top_k,
+                by=args.by,
+                cache=not args.no_cache,
+                progress=True,
+                require=args.require_complete,
             )
         )
 
@@ -133,6 +151,7 @@ def _cmd_norm_attention(args: argparse.Namespace) -> int:
                 by=args.by,
                 backend=args.backend,
                 progress=True,
+                require=args.require_complete,
             )
         )
 
@@ -143,7 +162,7 @@ def add_report(sub: argparse._SubParsersAction) -> None:
         help="one HTML page with every analysis of one or more stores",
         description="Run every analysis the stores support (logit lens, cosine, norm-based attention, ablations) and "
         "write DIR/index.html with all figures and tables, labelled by model, data set and prompt kind.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     _common(p)
     p.add_argument("--top-k", type=int, default=1, help="logit-lens top-k")
@@ -172,6 +191,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
             by=args.by,
             backend=args.backend,
             progress=True,
+            require=args.require_complete,
         )
     print(f"wrote {index}")
     return 0

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from vislens.cli.common import kinds
+from vislens.cli.common import HelpFormatter, kinds
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +15,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
         help="the whole path on the embedded tiny LLaVA and synthetic shapes",
         description="Build (or reuse) the embedded tiny LLaVA and synthetic shapes data, extract them into "
         "DIR/store.zarr and run the analyses into DIR. No downloads; about a minute on 2 CPU cores.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n", type=int, default=24, help="synthetic images")
@@ -44,7 +44,7 @@ def add_toy(sub: argparse._SubParsersAction) -> None:
         description="Build (or reuse) a tiny random-init checkpoint of a supported model family, with an offline "
         "tokenizer and the family's real processor, and print its folder: pass it to --model to try vislens "
         "on that family without downloads. The default is the embedded tiny LLaVA.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--family", default="llava", choices=TOY_FAMILIES, help="model family")
     p.set_defaults(func=_cmd_toy)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vislens.cli.common import kinds, shard, storage_options
+from vislens.cli.common import HelpFormatter, kinds, shard, storage_options
 
 
 def add_extract(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +16,7 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
             "decoder layer, plus attention data for norm-based attention, into a Zarr v3 store. "
             "Rerunning the same command resumes; --shard i/n splits the work over processes."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", required=True, help="checkpoint folder or hub id (e.g. llava-hf/llava-1.5-7b-hf)")
     p.add_argument(

@@ -18,6 +18,7 @@ from vislens.errors import ModelError
 
 log = logging.getLogger("vislens.extract")
 
+
 def tolerance(dtype: torch.dtype) -> float:
     """Largest relative logit error (max |diff| / max |logit|) accepted as a match for a model dtype."""
     return 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2

@@ -144,7 +144,9 @@ def _store_spec(
         "note": "the logit lens applies the final norm to layers 0 .. L-1, and to layer L only when "
         "final_norm_applied_to_last is 0",
     }
-    captions = CaptionData([r.id for r in data.records], [r.captions for r in data.records])
+    captions = CaptionData(
+        [r.id for r in data.records], [r.captions for r in data.records], [r.image for r in data.records]
+    )
     return StoreSpec(
         layout=layout,
         attrs=attrs,

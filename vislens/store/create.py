@@ -44,6 +44,8 @@ class CaptionData:
 
     image_ids: list[str]
     captions: list[tuple[str, ...]]
+    paths: list[str] | None = None
+    """Where each image was read from (absolute path or URL), for figures drawn over the image."""
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,12 @@ def captions_dataset(captions: CaptionData) -> tuple[xr.Dataset, dict[str, Any]]
             "n_captions": (("image",), np.array([len(c) for c in captions.captions], dtype=np.int32)),
         }
     )
+    if captions.paths is not None:
+        ds["image_path"] = (
+            ("image",),
+            _strings(captions.paths),
+            {"long_name": "where the image was read from at extraction (absolute path or URL)"},
+        )
     return ds, {name: {"compressors": small_codecs()} for name in ds.data_vars}
 
 

@@ -75,9 +75,7 @@ def read_layer(
     n_samples, n_layers = arr.shape[:2]
     first = 1 if array.startswith("attention/") else 0  # attention holds decoder layers 1 .. L
     if not (first <= layer < first + n_layers or -n_layers <= layer < 0):
-        raise IndexError(
-            f"{array} has layers {first} .. {first + n_layers - 1}; layer {layer} asked for"
-        )
+        raise IndexError(f"{array} has layers {first} .. {first + n_layers - 1}; layer {layer} asked for")
     layer = layer - first if layer >= 0 else layer % n_layers
     picked = _sample_indices(samples, n_samples, array)
     if not (location.is_local and hasattr(os, "pread") and is_sample_shard_layout(arr)):

@@ -26,7 +26,9 @@ def _rename_width(ds: xr.Dataset) -> xr.Dataset:
 def _renumber_attention(ds: xr.Dataset) -> xr.Dataset:
     layer = ds["layer"]
     attrs = dict(layer.attrs)
-    attrs["long_name"] = "decoder layer l (1 .. L): its input is activations layer l - 1, its output activations layer l"
+    attrs["long_name"] = (
+        "decoder layer l (1 .. L): its input is activations layer l - 1, its output activations layer l"
+    )
     attrs["upgraded_from_v1"] = "stored as 0 .. L-1 in the version 1 store"
     return ds.assign_coords(layer=xr.Variable("layer", layer.values + 1, attrs=attrs))
 
