@@ -151,3 +151,27 @@ def test_fixed_noisy_prompts_from_a_file(toy_models, manifest, tmp_path):
     for s in range(3):
         assert (acts.token_role[s].values == ROLE_INSTRUCTION).sum() >= 4
         assert_instruction_roles(acts, s, processor.tokenizer)
+
+
+def test_a_model_that_cannot_be_loaded_fails_fast_in_one_line(tmp_path, monkeypatch):
+    """A missing folder says so; a hub id that is neither cached nor reachable fails once, quickly
+    (transformers alone retries for about half a minute, warning each time)."""
+    import time
+
+    from vislens.errors import ModelError
+    from vislens.extract.adapters import check_model_source
+
+    with pytest.raises(ModelError, match="model folder .*nowhere does not exist"):
+        check_model_source(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="has no config.json"):
+        check_model_source(str(tmp_path / "empty"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    start = time.perf_counter()
+    with pytest.raises(ModelError, match="cannot get vislens-test/no-such-model|not in the local"):
+        check_model_source("vislens-test/no-such-model", timeout=5)
+    assert time.perf_counter() - start < 15
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="HF_HUB_OFFLINE is set"):
+        check_model_source("vislens-test/no-such-model")
