@@ -46,10 +46,11 @@ def test_mean_cosine_across_row_and_column_blocks(backend, device, assert_close,
 
 
 def test_value_gram_across_token_and_model_blocks(backend, device, assert_close, blocks):
-    """70 tokens (numba: 64 + 6; GPU: 5 blocks of 16), D = 300 (numba: 256 + 44; GPU: 19 tiles), d = 20."""
+    """70 tokens (numba: 64 + 6; GPU: 5 blocks of 16), D = 530 (torch: 512 + 18; numba: 256 + 256 + 18;
+    GPU: 34 tiles of 16), d = 20 (GPU: 2 tiles)."""
     g = torch.Generator().manual_seed(5)
-    values = torch.randn(2, 70, 2 * 20, generator=g) * 3
-    w_o = torch.randn(300, 4 * 20, generator=g) / 10
+    values = torch.randn(1, 70, 2 * 20, generator=g) * 3
+    w_o = torch.randn(530, 4 * 20, generator=g) / 10
     want = gram_reference.value_gram(values, w_o, 4)
     assert_close(value_gram(values.to(device), w_o.to(device), 4, backend=backend), want, torch.float32)
 
