@@ -9,6 +9,8 @@ already written then.
 from __future__ import annotations
 
 import errno
+import json
+import shutil
 
 import fsspec
 import numpy as np
@@ -18,7 +20,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from tests.ablate.conftest import LOSS_TOL
 from vislens.ablate import AblateConfig, ablate
-from vislens.store import DONE, PENDING
+from vislens.store import DONE, PENDING, SKIPPED
 
 PAIR = (1, 2)
 
@@ -79,3 +81,22 @@ def test_crash_before_the_done_flag_leaves_the_pair_pending_and_a_resume_redoes_
     assert (got["done"] == DONE).all()
     for name in ("loss", "token_loss", "full_loss", "full_token_loss", "n_tokens", "token_id", "scored"):
         np.testing.assert_allclose(got[name].values, want[name].values, **LOSS_TOL, err_msg=name)
+
+
+def test_skipped_pairs_stay_skipped_until_their_image_is_back(toy_models, manifest, write_manifest, tmp_path):
+    """A resume with the image still missing writes nothing and keeps its pairs skipped; once the
+    image is there, a resume writes exactly those pairs."""
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()][:2]
+    for line in lines:
+        line["image"] = str(manifest.parent / line["image"])
+    present, lines[0]["image"] = lines[0]["image"], str(tmp_path / "later.png")
+    data, out = write_manifest(lines), tmp_path / "a.zarr"
+    first = ablate(_config(toy_models["mha"], data, out))
+    assert (first.written, list(first.skipped)) == (5, [lines[0]["id"]])
+    again = ablate(_config(toy_models["mha"], data, out))
+    assert (again.already_done, again.written, list(again.skipped)) == (5, 0, [lines[0]["id"]])
+    np.testing.assert_array_equal(xr.open_zarr(out, group="ablation")["done"].values[:, 0], [SKIPPED, DONE])
+    shutil.copy(present, tmp_path / "later.png")
+    last = ablate(_config(toy_models["mha"], data, out))
+    assert (last.already_done, last.written, last.skipped) == (5, 5, {})
+    assert (xr.open_zarr(out, group="ablation")["done"].values == DONE).all()

@@ -214,8 +214,10 @@ def test_norm_attention_equals_the_models_own_per_head_outputs(store, own, refer
         captured: dict[str, torch.Tensor] = {}
         hooks = []
         for k, layer in enumerate(layers):
-            hooks.append(layer.self_attn.v_proj.register_forward_hook(lambda m, i, o, k=k: captured.__setitem__(f"v{k}", o[0])))
-            hooks.append(layer.self_attn.o_proj.register_forward_hook(lambda m, i, o, k=k: captured.__setitem__(f"o{k}", o[0])))
+            for name in ("v", "o"):
+                module = getattr(layer.self_attn, f"{name}_proj")
+                keep = lambda m, i, o, key=f"{name}{k}": captured.__setitem__(key, o[0])  # noqa: E731
+                hooks.append(module.register_forward_hook(keep))
         try:
             with torch.no_grad():
                 out = model(**inputs, output_attentions=True)

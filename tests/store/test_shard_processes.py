@@ -16,12 +16,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.store.conftest import extract_config
 from tests.store.test_resume import assert_same_store
 from vislens.extract import extract
 from vislens.store import DONE, open_store
-from vislens.store.writer import SAMPLE_FILES
+from vislens.store.writer import SAMPLE_FILES, shard_blocks
 
 ROOT = Path(__file__).resolve().parents[2]
 BLOCK = 2
@@ -101,3 +102,17 @@ def test_two_shard_processes_never_write_the_same_file(toy_models, manifest, tmp
     extract(extract_config(toy_models["gqa"], manifest, str(single), block=BLOCK))
     assert_same_store(store, single)
     assert np.array_equal(open_store(str(single))["activations"]["done"].values, done)
+
+
+@pytest.mark.parametrize(("n", "block", "count"), [(12, 5, 2), (13, 4, 3), (3, 64, 2), (130, 64, 4), (7, 1, 3)])
+def test_shards_own_whole_blocks_and_together_every_sample(n, block, count):
+    """Sizes with a partial last block, more shards than blocks, blocks of one sample."""
+    owned = [shard_blocks(n, block, (i, count)) for i in range(count)]
+    np.testing.assert_array_equal(np.sort(np.concatenate(owned)), np.arange(n))
+    for i, samples in enumerate(owned):
+        blocks = np.unique(samples // block)
+        assert (blocks % count == i).all()
+        for b in blocks:  # every sample of each block it touches
+            np.testing.assert_array_equal(samples[samples // block == b], np.arange(b * block, min(n, (b + 1) * block)))
+    with pytest.raises(ValueError, match="shard must be i/n"):
+        shard_blocks(n, block, (count, count))
