@@ -71,6 +71,9 @@ def test_the_batches_mix_lengths(stores):
     batches = [n[i : i + BATCH] for i in range(0, len(n), BATCH)]
     assert all(len(set(b)) >= 2 for b in batches) and len(batches[-1]) < BATCH
     assert (acts.done.values == DONE).all()
+    hidden = acts.hidden.values
+    for s, length in enumerate(n):  # docs/store-format.md: padding positions of hidden hold 0
+        assert (hidden[s, :, length:] == 0).all() and np.isfinite(hidden[s, :, :length]).all()
 
 
 @pytest.mark.parametrize("mode", ["last", "all", "text"])
