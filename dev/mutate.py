@@ -15,9 +15,11 @@ The worktree itself is never touched.
     python dev/mutate.py --full             # run the whole suite for each mutation (slow)
     python dev/mutate.py --json out.json    # also write the results
 
-Outcomes: ``caught`` (the selection failed), ``MISSED`` (it passed), ``timeout`` (counted as
-caught: a hang is visible), ``stale`` (the old text is not in the file once: update the entry),
-``error`` (pytest could not run: rc 2-5, e.g. a collection error). Set VISLENS_CACHE and the
+Outcomes: ``caught`` (the selection failed), ``caught (setup error)`` (only a fixture failed, e.g.
+an extraction refused its own input: caught by a crash, not a comparison), ``MISSED`` (it passed),
+``MISSED (no test)`` (no selected test exists in this tree), ``timeout`` (counted as caught: a
+hang is visible), ``stale`` (the old text is not in the file once: update the entry),
+``error`` (pytest could not run: rc 2-4, e.g. a collection error). Set VISLENS_CACHE and the
 interpreter (``--python``) as for the tests; the runner passes PYTHONPATH=<copy>.
 """
 
@@ -220,7 +222,11 @@ def copy_tree(root: Path, target: Path) -> None:
 
 
 def run_selection(copy: Path, tests: tuple[str, ...], timeout: float, python: str) -> tuple[int | None, float, str]:
-    """(return code or None on timeout, seconds, last lines of output)."""
+    """(return code or None on timeout, seconds, last lines of output); selected files that this
+    tree lacks are left out (to measure an older tree's tests with today's list)."""
+    tests = tuple(t for t in tests if (copy / t.split("::")[0]).exists() or t.startswith("-"))
+    if not any(not t.startswith("-") for t in tests):
+        return 5, 0.0, "none of the selected test files exist in this tree"
     env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
     env.setdefault("VISLENS_CACHE", str(copy / ".vislens-cache"))
     command = [python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--timeout", str(int(timeout)), *tests]
@@ -250,7 +256,9 @@ def run_one(copy: Path, m: Mutation, timeout: float, python: str, full: bool) ->
         path.write_text(original)
     if rc is None:
         return Outcome(m.id, "timeout", seconds, tail)
-    result = {0: "MISSED", 1: "caught"}.get(rc, f"error (rc {rc})")
+    result = {0: "MISSED", 1: "caught", 5: "MISSED (no test)"}.get(rc, f"error (rc {rc})")
+    if rc == 1 and " error" in tail and " failed" not in tail:
+        result = "caught (setup error)"  # a fixture crashed (e.g. an extraction refused), no comparison ran
     return Outcome(m.id, result, seconds, tail)
 
 
@@ -262,7 +270,7 @@ def table(mutations: list[Mutation], outcomes: dict[str, Outcome]) -> str:
             continue
         where = m.file.removeprefix("vislens/")
         rows.append(f"| {m.id} | {o.result} | {o.seconds:.0f} | {where} | {m.what} | {m.note} |")
-    caught = sum(o.result in ("caught", "timeout") for o in outcomes.values())
+    caught = sum(o.result.startswith("caught") or o.result == "timeout" for o in outcomes.values())
     rows.append(f"\n{caught} of {len(outcomes)} caught")
     return "\n".join(rows)
 

@@ -98,8 +98,8 @@ def test_query_rows_and_weights_are_each_samples_own(stores, own, mode):
 
 @pytest.mark.parametrize("mode", ["last", "all", "text"])
 def test_norm_attention_uses_each_samples_last_token_and_text_queries(stores, own, mode):
-    """``last_query`` is the row of the sample's own last token; ``image_share`` averages text query
-    rows only, whatever rows the store holds (``all`` holds image rows too)."""
+    """``last_query`` is the row of the sample's own last token; ``image_share`` (and its share after
+    the image) averages text query rows only, whatever rows the store holds (``all`` holds image rows too)."""
     model, outputs = own
     tree = open_store(stores[mode])
     per = norm_attention_per_sample(tree).compute()
@@ -116,3 +116,5 @@ def test_norm_attention_uses_each_samples_last_token_and_text_queries(stores, ow
         text_q = np.flatnonzero(~image)
         shares = na[:, text_q][:, :, image].sum(-1) / na[:, text_q].sum(-1)
         np.testing.assert_allclose(per["image_share"][s].values, shares.mean(-1), rtol=5e-3)
+        after = text_q > np.argmax(image)  # text queries that can see the image
+        np.testing.assert_allclose(per["image_share_after_image"][s].values, shares[:, after].mean(-1), rtol=5e-3)
