@@ -60,11 +60,25 @@ def noisy_prompt(vocabulary: list[str], special: np.ndarray, seed: int, index: i
     """A string of 10-15 tokens drawn from the model's vocabulary, reproducible by (seed, index).
 
     ``vocabulary`` holds each token's text as it appears after other text (leading space kept);
-    ``special`` marks special tokens, which are never drawn.
+    ``special`` marks special tokens, which are never drawn. Where neighbouring pieces happen to
+    spell a special token's text (``<`` ``s`` ``>`` is ``<s>``, which a tokenizer reads as BOS),
+    that text is replaced by a space.
     """
     rng = np.random.default_rng([seed, index])
     pool = np.flatnonzero(~special)
     length = int(rng.integers(NOISY_LENGTH[0], NOISY_LENGTH[1] + 1))
     ids = rng.choice(pool, size=length, replace=True)
-    text = "".join(vocabulary[i] for i in ids).strip()
-    return Prompt("noisy", f"{seed}-{index}", text)
+    text = "".join(vocabulary[i] for i in ids)
+    text = without_special_texts(text, [vocabulary[i] for i in np.flatnonzero(special)])
+    return Prompt("noisy", f"{seed}-{index}", text.strip())
+
+
+def without_special_texts(text: str, specials: list[str]) -> str:
+    """``text`` with every occurrence of a special token's text replaced by a space (until none is left)."""
+    markers = sorted({m.strip() for m in specials if m.strip()}, key=len, reverse=True)
+    while True:
+        found = [m for m in markers if m in text]
+        if not found:
+            return text
+        for marker in found:
+            text = text.replace(marker, " ")
