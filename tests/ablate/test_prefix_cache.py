@@ -17,7 +17,7 @@ import pytest
 import xarray as xr
 
 from vislens.ablate import AblateConfig, ablate
-from vislens.extract.toy_instructblip import build_toy_instructblip
+from vislens.toys.instructblip import build_toy_instructblip
 
 EXACT = dict(rtol=2e-6, atol=2e-6)  # shared and naive agree to ~5e-7; prompt-dependent features move ~1e-4
 

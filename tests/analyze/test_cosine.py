@@ -94,7 +94,7 @@ def test_means_per_prompt_kind_and_table(analysis_stores):
             means.sel(prompt_kind=kind)["inter_modal"], rows["inter_modal"].mean("sample"), rtol=1e-6
         )
     table = cosine_table([analysis_stores["mha"], analysis_stores["gqa"]])
-    assert list(table.columns[:4]) == ["store", "model", "prompt_kind", "layer"]
+    assert list(table.columns[:5]) == ["store", "model", "series", "prompt_kind", "layer"]
     assert len(table) == 2 * 3 * tree["activations"].sizes["layer"]
     assert (table["text_tokens"] == "instruction").all()
     assert (table[table.prompt_kind == "normal"]["n_text_samples"] == 6).all()

@@ -51,10 +51,10 @@ def test_cache_is_written_reused_and_rescored(analysis_stores, tmp_path):
     path = tmp_path / "s.zarr"
     shutil.copytree(analysis_stores["gqa"], path)
     tree = open_store(str(path))
-    assert "results" not in tree.children or CACHE_NAME not in tree["results"].data_vars
+    assert "results" not in tree.children or CACHE_NAME not in tree["results"].children
     first = logit_lens(tree, top_k=3)
     reopened = open_store(str(path))
-    cached = reopened["results"][CACHE_NAME]
+    cached = reopened["results"][CACHE_NAME][CACHE_NAME]  # results/<name> holds the array and its coordinates
     assert cached.sizes["rank"] == 3 and cached.attrs["k"] == 3
     assert cached.attrs["source_fingerprint"] == reopened.attrs["vislens_fingerprint"]
     # reusing the cache gives the same numbers; top-1 is scored from the cached top-3
@@ -131,3 +131,47 @@ def test_scores_equal_an_independent_recount(analysis_stores, toy_models, arch):
                 ]
                 got = [float(ours[name][s, layer]) for name in ("precision", "token_precision", "recall")]
                 np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=f"sample {s} layer {layer}")
+
+
+def test_top_k_over_several_vocabulary_blocks_equals_one_plain_topk(analysis_stores):
+    """Vocabulary blocks (and row blocks) smaller than the vocabulary give the ids of one plain
+    fp32 ``(norm(h) @ W.T).topk`` over the whole vocabulary."""
+    from vislens.analyze.logit_lens import _lens_arrays, apply_norm
+
+    tree = open_store(analysis_stores["gqa"])
+    lens = _lens_arrays(tree)
+    assert lens["unembedding"].shape[0] > 3 * 50  # at least three blocks of 50
+    blocked = logit_lens_topk(tree, k=3, vocab_block=50).compute()
+    acts = tree["activations"].to_dataset()
+    weight = torch.from_numpy(lens["unembedding"]).float()
+    last = acts.sizes["layer"] - 1
+    for s in range(0, acts.sizes["sample"], 5):
+        image = acts.modality[s].values == 1
+        h = torch.from_numpy(acts.hidden[s].values[:, image].astype(np.float32))
+        normed = apply_norm(h[:last], lens["norm_kind"], lens["norm_eps"], torch.from_numpy(lens["norm_weight"]), None)
+        logits = torch.cat([normed, h[last:]]) @ weight.T
+        expected = logits.topk(3, dim=-1)
+        ours = torch.from_numpy(blocked[s].values[:, image].astype(np.int64))
+        got_values = logits.gather(-1, ours)
+        torch.testing.assert_close(got_values, expected.values, rtol=0, atol=1e-5)  # same logits (ties may swap ids)
+
+
+def test_a_cache_from_before_a_resume_is_not_reused(analysis_stores, tmp_path):
+    """The cache written while some samples were pending must be recomputed once they are done."""
+    import shutil
+
+    import zarr
+
+    from vislens.store import DONE, PENDING
+
+    path = tmp_path / "s.zarr"
+    shutil.copytree(analysis_stores["mha"], path)
+    done = zarr.open_array(str(path / "activations" / "done"), mode="r+")
+    done[10:] = PENDING  # as if the extraction had been interrupted
+    partial = cached_topk(open_store(str(path)), 1)
+    assert partial.sizes["sample"] == 10
+    done[10:] = DONE  # the resumed extraction finished them
+    resumed = open_store(str(path))
+    top = cached_topk(resumed, 1)
+    assert list(top["sample"].values) == list(range(resumed["activations"].sizes["sample"]))
+    np.testing.assert_array_equal(top.values, logit_lens_topk(resumed, 1).compute().values)

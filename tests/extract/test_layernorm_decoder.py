@@ -20,7 +20,7 @@ import torch
 from tests.helpers import assert_top1_matches, hidden_of, load_reference, run_reference
 from vislens.extract import ExtractConfig, extract
 from vislens.extract.adapters import load_adapter
-from vislens.store import IMAGE, open_store
+from vislens.store import open_store
 
 FP16 = dict(rtol=2e-3, atol=2e-3)
 
@@ -36,7 +36,7 @@ def build_layernorm_llava(path: Path, seed: int = 7) -> Path:
         StableLmConfig,
     )
 
-    from vislens.extract.toy_model import LLAVA_CHAT_TEMPLATE, build_toy_tokenizer, text_config_kwargs
+    from vislens.toys.text import LLAVA_CHAT_TEMPLATE, build_toy_tokenizer, text_config_kwargs
 
     tokenizer = build_toy_tokenizer(512)
     vision = CLIPVisionConfig(
@@ -126,9 +126,7 @@ def test_the_toy_has_random_layernorm_weights_and_biases(layernorm_model, refere
     assert lens.attrs["norm_kind"] == "layer" and lens.attrs["norm_eps"] == pytest.approx(decoder.norm.eps)
     np.testing.assert_array_equal(lens["norm_weight"].values, decoder.norm.weight.detach().numpy())
     np.testing.assert_array_equal(lens["norm_bias"].values, decoder.norm.bias.detach().numpy())
-    np.testing.assert_array_equal(
-        lens["unembedding"].values, model.get_output_embeddings().weight.detach().numpy()
-    )
+    np.testing.assert_array_equal(lens["unembedding"].values, model.get_output_embeddings().weight.detach().numpy())
 
 
 def test_hidden_states_equal_the_models_own(store, own):

@@ -26,7 +26,11 @@ D, S, P = DONE, SKIPPED, PENDING
 
 
 def test_resume_keeps_skipped_samples_skipped_and_writes_pending_ones(
-    filling_disk, toy_models, manifest, write_manifest, tmp_path  # noqa: F811
+    filling_disk,
+    toy_models,
+    manifest,
+    write_manifest,
+    tmp_path,  # noqa: F811
 ):
     lines = [json.loads(line) for line in manifest.read_text().splitlines()][:4]
     for line in lines:

@@ -71,7 +71,11 @@ def info(store: str | StoreLocation, storage_options: dict[str, Any] | None = No
         done = np.asarray(root["activations/done"][:])
     else:  # an ablation-only store: its (image, prompt) pairs
         ablation = [name for name, group in root.groups() if "done" in group and name != "activations"]
-        done = np.concatenate([np.asarray(root[f"{name}/done"][:]).ravel() for name in ablation]) if ablation else np.zeros(0)
+        done = (
+            np.concatenate([np.asarray(root[f"{name}/done"][:]).ravel() for name in ablation])
+            if ablation
+            else np.zeros(0)
+        )
         unit = "ablation pairs"
     attrs = root_doc.get("attributes", {})
     return {
