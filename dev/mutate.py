@@ -37,7 +37,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LEAD = "to re-check after merge (file being rewritten by the lead)"
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,6 @@ MUTATIONS: list[Mutation] = [
         "ids = torch.cat([best_ids, ids], dim=1)",
         "top_tokens: vocabulary-block offset dropped (wrong ids past the first 8192)",
         ("tests/analyze/test_logit_lens.py",),
-        LEAD,
     ),
     M(
         "I2",
@@ -81,7 +79,6 @@ MUTATIONS: list[Mutation] = [
         'cached.sizes["rank"] >= k',
         "cached top-k reused without checking it covers the samples now done",
         ("tests/analyze/test_logit_lens.py",),
-        LEAD,
     ),
     M(
         "I3",
@@ -90,7 +87,6 @@ MUTATIONS: list[Mutation] = [
         "last = n_layers",
         "final norm applied to the (already normed) last layer too",
         ("tests/analyze/test_logit_lens.py", "tests/extract/test_layernorm_decoder.py"),
-        LEAD,
     ),
     M(
         "I4",
@@ -99,7 +95,6 @@ MUTATIONS: list[Mutation] = [
         "layer_norm(x, (x.shape[-1],), weight, None, eps)",
         "lens LayerNorm without its bias",
         ("tests/extract/test_layernorm_decoder.py",),
-        LEAD,
     ),
     M(
         "I5",
@@ -108,7 +103,6 @@ MUTATIONS: list[Mutation] = [
         "reference_words(texts[i, : counts[i] - 1])",
         "the last reference caption of each image ignored",
         ("tests/analyze/test_logit_lens.py", "tests/analyze/test_words.py"),
-        LEAD,
     ),
     M(
         "I6",
@@ -117,7 +111,6 @@ MUTATIONS: list[Mutation] = [
         "rows = torch.tensor([modality.shape[1] - 1])",
         "norm-attention 'last' query row: the padded batch's last position, not the sample's",
         ("tests/extract/test_padding.py",),
-        LEAD,
     ),
     M(
         "I7",
@@ -290,7 +283,6 @@ MUTATIONS: list[Mutation] = [
         "for first in range(0, len(todo) // config.batch_size * config.batch_size, config.batch_size)",
         "extraction drops the last partial batch",
         ("tests/extract/test_padding.py",),
-        LEAD,
     ),
     M(
         "E2",
