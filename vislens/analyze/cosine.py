@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from vislens.analyze.common import StoreLike, finished, group, group_key, long_table, mean_by, sample_coords
+from vislens.analyze.common import StoreLike, finished, group, group_key, long_table, map_samples, mean_by, sample_coords
 from vislens.errors import StoreFormatError
 from vislens.store import IMAGE, TEXT
 from vislens.store.schema import ROLE_INSTRUCTION, ROLE_TEMPLATE
@@ -81,28 +81,28 @@ def _text_selector(acts: xr.Dataset, text_tokens: str) -> xr.DataArray:
 
 
 def cosine_per_sample(
-    store: StoreLike, *, text_tokens: str = "instruction", backend: str = "auto", samples_per_task: int = 4
+    store: StoreLike, *, text_tokens: str = "instruction", backend: str = "auto", samples_per_task: int = 1
 ) -> xr.Dataset:
     """Per finished sample and layer: ``inter_modal``, ``intra_image``, ``intra_text``.
 
-    Lazy (Dask): one task per ``samples_per_task`` samples; call ``.compute()``, or let
-    `cosine` do it, under any Dask scheduler (threads, or a distributed cluster).
+    Lazy (Dask): one task per stored sample (or per ``samples_per_task`` samples), which reads
+    that sample and computes on it; call ``.compute()``, or let `cosine` do it, under any Dask
+    scheduler (threads, or a distributed cluster).
     """
     acts = finished(group(store, "activations"))
     selector = _text_selector(acts, text_tokens)
-    chunks = {"sample": samples_per_task, "token": -1}
-    hidden = acts["hidden"].chunk(chunks | {"layer": -1, "d_model": -1})
-    stats = xr.apply_ufunc(
+    hidden = acts["hidden"]
+    if samples_per_task > 1:
+        hidden = hidden.chunk({"sample": samples_per_task})
+    stats = map_samples(
         _block_stats,
-        hidden,
-        selector.chunk(chunks),
-        acts["modality"].chunk(chunks),
-        input_core_dims=[["layer", "token", "d_model"], ["token"], ["token"]],
-        output_core_dims=[["layer", "stat"]],
-        dask="parallelized",
-        output_dtypes=[np.float32],
-        dask_gufunc_kwargs={"output_sizes": {"stat": len(STATS)}},
+        [hidden, selector, acts["modality"]],
+        [["layer", "token", "d_model"], ["token"], ["token"]],
+        ["layer", "stat"],
+        dtype=np.float32,
+        output_sizes={"stat": len(STATS)},
         kwargs={"backend": backend, "text_tokens": text_tokens},
+        name="cosine",
     )
     out = xr.Dataset({name: stats.isel(stat=i, drop=True) for i, name in enumerate(STATS)})
     out["inter_modal"].attrs = {"long_name": f"mean cosine similarity of image-token and {text_tokens}-token states"}
@@ -118,7 +118,7 @@ def cosine(
     text_tokens: str = "instruction",
     by: str = "kind",
     backend: str = "auto",
-    samples_per_task: int = 4,
+    samples_per_task: int = 1,
 ) -> xr.Dataset:
     """Mean over samples of each statistic, per prompt kind or prompt (``by``) and layer.
 
