@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vislens.cli.common import HelpFormatter, storage_options
+from vislens.cli.common import HelpFormatter, add_cluster_options, dask_context, storage_options
 
 
 def _ks(text: str) -> tuple[int, ...]:
@@ -131,15 +131,22 @@ def add_ablation_analysis(asub: argparse._SubParsersAction) -> None:
     c.add_argument("--group", default="ablation", help="the ablation group to read")
     c.add_argument("--target", type=float, default=0.7, help="share of the total loss reduction to reach")
     c.add_argument("--storage-options", help="JSON fsspec options for the store URL")
+    add_cluster_options(c)
     c.set_defaults(func=_cmd_ablation)
 
 
 def _cmd_ablation(args: argparse.Namespace) -> int:
     from vislens.analyze.ablation import write_ablation_report
     from vislens.store import open_store
+    from vislens.store.reader import location_of
 
-    tree = open_store(args.store, storage_options(args.storage_options))
-    written = write_ablation_report(tree, Path(args.out), group_name=args.group, target=args.target)
+    with dask_context(args) as client:
+        tree = open_store(args.store, storage_options(args.storage_options))
+        if client is not None:
+            from vislens.cluster import check_workers
+
+            check_workers(client, [location_of(tree)])
+        written = write_ablation_report(tree, Path(args.out), group_name=args.group, target=args.target)
     for path in written.values():
         print(f"wrote {path}")
     return 0

@@ -13,7 +13,18 @@ from vislens.errors import ConfigError
 ATTENTION_MODES = ("none", "last", "text", "all")
 
 # options that do not change what ends up in the store (free to differ on a resume)
-RUNTIME_ONLY = ("out", "batch_size", "device", "shard", "overwrite", "strict", "progress", "storage_options", "wait_s")
+RUNTIME_ONLY = (
+    "out",
+    "batch_size",
+    "device",
+    "shard",
+    "overwrite",
+    "strict",
+    "progress",
+    "storage_options",
+    "wait_s",
+    "writer_id",
+)
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,9 @@ class ExtractConfig:
     strict: bool = False
     progress: bool = True
     wait_s: float = 600.0
+    writer_id: str | None = None
+    """Names this writer's claim on the store (`vislens.store.claims`); a run resumed under the same
+    id (a retried cluster task) takes over its own claim at once. None: a new id per run."""
     storage_options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:

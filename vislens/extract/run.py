@@ -309,7 +309,13 @@ def extract(config: ExtractConfig, *, loaded: LoadedModel | None = None) -> Extr
     plan = make_plan(data, config, loaded.adapter, vocab)
     spec = _store_spec(config, loaded, data, plan, vocab, _check_final_norm(loaded, config, plan))
     writer = prepare_store(
-        location, spec, overwrite=config.overwrite, creator=config.shard[0] == 0, wait_s=config.wait_s
+        location,
+        spec,
+        overwrite=config.overwrite,
+        creator=config.shard[0] == 0,
+        wait_s=config.wait_s,
+        shard=config.shard,
+        writer_id=config.writer_id,
     )
     todo = writer.pending(config.shard)
     owned = len(shard_blocks(len(plan), spec.layout.block, config.shard))
