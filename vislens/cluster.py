@@ -132,7 +132,9 @@ def check_workers(client: Any, locations: Sequence[StoreLocation] = (), *, wait_
         ) from None
     addresses = sorted(client.scheduler_info(n_workers=-1)["workers"])
     for location in [None, *locations]:
-        futures = {w: client.submit(_probe, location, workers=[w], pure=False, allow_other_workers=False) for w in addresses}
+        futures = {
+            w: client.submit(_probe, location, workers=[w], pure=False, allow_other_workers=False) for w in addresses
+        }
         for worker, future in futures.items():
             try:
                 version = future.result(timeout=wait_s)

@@ -21,7 +21,16 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from vislens.analyze.common import StoreLike, finished, group, group_key, long_table, map_samples, mean_by, sample_coords
+from vislens.analyze.common import (
+    StoreLike,
+    finished,
+    group,
+    group_key,
+    long_table,
+    map_samples,
+    mean_by,
+    sample_coords,
+)
 from vislens.errors import StoreFormatError
 from vislens.store import IMAGE, TEXT
 from vislens.store.schema import ROLE_INSTRUCTION, ROLE_TEMPLATE

@@ -108,6 +108,9 @@ def _read(ref: LensRef) -> dict[str, Any]:
         if doc is None:
             continue
         check_metadata(f"lens/{name}", doc)  # the allowlist of open_store: no pickle, ever
-        values[name] = (doc.get("dimension_names") or ("vocab", "d_model")[-len(doc["shape"]) :], root[f"lens/{name}"][...])
+        values[name] = (
+            doc.get("dimension_names") or ("vocab", "d_model")[-len(doc["shape"]) :],
+            root[f"lens/{name}"][...],
+        )
     _READS += 1
     return lens_arrays(xr.Dataset(values, attrs=group_doc.get("attributes", {})))

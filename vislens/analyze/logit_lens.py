@@ -73,7 +73,13 @@ def top_tokens(
 
 
 def _block_topk(
-    hidden: np.ndarray, modality: np.ndarray, *, lens: dict[str, Any] | LensRef, k: int, normed_last: bool, vocab_block: int
+    hidden: np.ndarray,
+    modality: np.ndarray,
+    *,
+    lens: dict[str, Any] | LensRef,
+    k: int,
+    normed_last: bool,
+    vocab_block: int,
 ) -> np.ndarray:
     """(s, layer, token, hidden) fp16 -> (s, layer, token, k) int32 top-k ids at image tokens, -1 elsewhere.
 

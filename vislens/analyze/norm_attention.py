@@ -104,7 +104,9 @@ def norm_attention_per_sample(store: StoreLike, *, backend: str = "auto", sample
     )
     share = packed.isel(value=0, drop=True)
     after = packed.isel(value=1, drop=True)
-    last = packed.isel(value=slice(2, None)).rename(value="token").astype(np.float32).drop_vars("token", errors="ignore")
+    last = (
+        packed.isel(value=slice(2, None)).rename(value="token").astype(np.float32).drop_vars("token", errors="ignore")
+    )
     out = xr.Dataset({"image_share": share, "image_share_after_image": after, "last_query": last})
     out["layer"] = attention["layer"]
     long_names = {

@@ -306,15 +306,23 @@ def _remote_live(held: Claim, others: dict[str, dict[str, Any]]) -> dict[str, di
     """The claims among ``others`` that change within `STALE_BEATS` heartbeats (the rest are stale
     and removed); returns as soon as one is seen alive."""
     fs, seen = held.location.fs, {p: _encode(d) for p, d in others.items()}
-    log.info("waiting up to %.0f s to see whether the writers of %d claims are alive", STALE_BEATS * HEARTBEAT_S, len(seen))
+    log.info(
+        "waiting up to %.0f s to see whether the writers of %d claims are alive", STALE_BEATS * HEARTBEAT_S, len(seen)
+    )
     deadline = time.monotonic() + STALE_BEATS * HEARTBEAT_S
     while seen:
         for path in list(seen):
             raw = _read(held.location, path)
             if raw is None:  # released meanwhile
                 del seen[path]
-            elif raw != seen[path]:
-                return {path: json.loads(raw)}
+            elif raw != seen[path]:  # alive; conflicting unless it no longer overlaps (narrowed)
+                try:
+                    doc = json.loads(raw)
+                except json.JSONDecodeError:
+                    continue
+                if _overlaps(held.doc, doc):
+                    return {path: doc}
+                del seen[path]
         if time.monotonic() >= deadline:
             break
         time.sleep(min(HEARTBEAT_S / 4, max(0.0, deadline - time.monotonic())))

@@ -164,7 +164,9 @@ def by_shard(tree: xr.DataTree) -> xr.DataTree:
             if name in ds.indexes:
                 continue
             sizes = var.encoding.get("shards") or var.encoding.get("chunks") or var.shape
-            chunked[name] = var.chunk(dict(zip(var.dims, sizes)), name=f"vislens-{node.path.strip('/') or 'root'}-{name}-{token}")
+            chunked[name] = var.chunk(
+                dict(zip(var.dims, sizes)), name=f"vislens-{node.path.strip('/') or 'root'}-{name}-{token}"
+            )
         groups[node.path] = ds.assign(chunked) if chunked else ds
     out = xr.DataTree.from_dict(groups)
     out.attrs = dict(tree.attrs)

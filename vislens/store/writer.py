@@ -21,7 +21,7 @@ from zarr.core.sync import sync
 
 from vislens.errors import DiskFullError, StoreExistsError, StoreFormatError, StoreMismatchError
 from vislens.store import claims, schema
-from vislens.store.create import STATUS_CREATING, STATUS_READY, StoreSpec, create_store
+from vislens.store.create import STATUS_CREATING, STATUS_READY, StoreSpec, create_store, mark_ready
 from vislens.store.location import StoreLocation
 from vislens.store.precision import keep_mantissa_bits
 from vislens.store.shards import encode_sample_shard, is_sample_shard_layout, sample_shard_key
@@ -298,21 +298,30 @@ def prepare_store(
     """
     writer_id = writer_id or claims.new_writer_id()
     writer = _reopen(location, spec, overwrite=overwrite, creator=creator, wait_s=wait_s)
-    if writer is None:  # create or replace it, holding the whole store meanwhile
-        whole = claims.claim(location, "activations", claims.ALL, writer_id=writer_id, what="creating") if claim else None
-        try:
-            writer = _reopen(location, spec, overwrite=overwrite, creator=True, wait_s=wait_s)  # still to do?
-            if writer is None:
-                location.remove()  # empty, half-created (status "creating") or --overwrite
-                create_store(location, spec)
-                writer = StoreWriter(location)
-        except BaseException:
-            if whole is not None:
-                whole.release()
-            raise
-        writer.held = whole
+    if writer is not None:
+        if claim:
+            writer.claim(shard, writer_id)
+        return writer
+    # create or replace the store, holding all of it meanwhile
+    whole = claims.claim(location, "activations", claims.ALL, writer_id=writer_id, what="creating") if claim else None
+    try:
+        writer = _reopen(location, spec, overwrite=overwrite, creator=True, wait_s=wait_s)  # made meanwhile?
+        if writer is None:
+            location.remove()  # empty, half-created (status "creating") or --overwrite
+            create_store(location, spec, ready=False)
+            writer = StoreWriter(location)
+            writer.held = whole
+            if claim:
+                writer.claim(shard, writer_id)  # narrowed before other shards may start: they wait for ready
+            mark_ready(location)
+            return writer
+    except BaseException:
+        if whole is not None:
+            whole.release()
+        raise
+    writer.held = whole
     if claim:
-        writer.claim(shard, writer_id)  # replaces the whole-store claim, if any, at once
+        writer.claim(shard, writer_id)
     return writer
 
 
