@@ -319,17 +319,17 @@ MUTATIONS: list[Mutation] = [
     # ---- analyses ---------------------------------------------------------------------------------
     M(
         "A1",
-        "vislens/analyze/norm_attention.py",
-        "share[i] = shares[:, text_rows].mean(-1)",
-        "share[i] = shares.mean(-1)",
+        "vislens/kernels/sample_stats.py",
+        "share = shares[:, text_rows].mean(-1) if bool(text_rows.any()) else nan",
+        "share = shares.mean(-1) if bool(text_rows.any()) else nan",
         "image_share averages image query rows too (attention 'all')",
         ("tests/extract/test_padding.py", "tests/analyze/test_norm_attention.py"),
     ),
     M(
         "A2",
-        "vislens/analyze/norm_attention.py",
-        "seen = text_rows & (positions > (np.argmax(image) if image.any() else n))",
-        "seen = positions > (np.argmax(image) if image.any() else n)",
+        "vislens/kernels/sample_stats.py",
+        "seen = text_rows & (positions > first_image)",
+        "seen = positions > first_image",
         "image_share_after_image counts image query rows (attention 'all')",
         ("tests/extract/test_padding.py", "tests/analyze/test_norm_attention.py"),
     ),

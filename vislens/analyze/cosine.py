@@ -23,22 +23,12 @@ import xarray as xr
 
 from vislens.analyze.common import StoreLike, finished, group, group_key, long_table, mean_by, sample_coords
 from vislens.errors import StoreFormatError
+from vislens.kernels.sample_stats import COSINE_STATS
 from vislens.store import IMAGE, TEXT
 from vislens.store.schema import ROLE_INSTRUCTION, ROLE_TEMPLATE
 
-STATS = ("inter_modal", "intra_image", "intra_text")
+STATS = COSINE_STATS
 TEXT_TOKENS = ("instruction", "all", "template")
-
-
-def _intra(h: torch.Tensor, mask: torch.Tensor, backend: str) -> torch.Tensor:
-    """Mean cosine over ordered pairs i != j of the masked rows, from the all-pairs mean (NaN below two rows)."""
-    from vislens.kernels import mean_cosine
-
-    all_pairs = mean_cosine(h, h, a_mask=mask, b_mask=mask, backend=backend)
-    m = mask.sum(-1).to(torch.float32)
-    nonzero = ((h.float().norm(dim=-1) > 0) & mask).sum(-1).to(torch.float32)
-    mean = (m * m * all_pairs - nonzero) / (m * (m - 1))
-    return torch.where(m > 1, mean, torch.nan)  # one row has no pairs
 
 
 def text_mask(roles_or_modality: np.ndarray, text_tokens: str) -> np.ndarray:
@@ -50,20 +40,14 @@ def text_mask(roles_or_modality: np.ndarray, text_tokens: str) -> np.ndarray:
     return roles_or_modality == TEXT
 
 
-def _block_stats(
-    hidden: np.ndarray, tokens: np.ndarray, modality: np.ndarray, text_tokens: str, backend: str
-) -> np.ndarray:
+def _block_stats(hidden: np.ndarray, tokens: np.ndarray, modality: np.ndarray, text_tokens: str, backend: str) -> np.ndarray:
     """(k, layer, token, d_model), (k, token) text selector and modality -> (k, layer, 3) float32."""
-    from vislens.kernels import mean_cosine
+    from vislens.kernels.sample_stats import cosine_stats
 
     h = torch.from_numpy(np.ascontiguousarray(hidden))
-    shape = h.shape[:-1]
-    image = torch.from_numpy(np.ascontiguousarray(modality == IMAGE))[:, None, :].expand(shape)
-    text = torch.from_numpy(np.ascontiguousarray(text_mask(tokens, text_tokens)))[:, None, :].expand(shape)
-    inter = mean_cosine(h, h, a_mask=image, b_mask=text, backend=backend)
-    inter = torch.where(text.sum(-1) > 0, inter, torch.nan)
-    out = torch.stack([inter, _intra(h, image, backend), _intra(h, text, backend)], dim=-1)
-    return out.numpy().astype(np.float32)
+    image = torch.from_numpy(np.ascontiguousarray(modality == IMAGE))[:, None, :]
+    text = torch.from_numpy(np.ascontiguousarray(text_mask(tokens, text_tokens)))[:, None, :]
+    return cosine_stats(h, image, text, backend).numpy().astype(np.float32)
 
 
 def _text_selector(acts: xr.Dataset, text_tokens: str) -> xr.DataArray:

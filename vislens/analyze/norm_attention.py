@@ -46,6 +46,7 @@ def _block(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per sample of a block: image share, share after the image (layer,), last-query NA (layer, token)."""
     from vislens.kernels import norm_attention
+    from vislens.kernels.sample_stats import attention_shares
 
     s, n_layers = attn.shape[:2]
     share = np.full((s, n_layers), np.nan)
@@ -57,20 +58,14 @@ def _block(
         _, summed = norm_attention(
             torch.from_numpy(attn[i][:, :, rows, :n]), torch.from_numpy(gram[i][:, :n]), backend=backend
         )
-        summed = summed.numpy()  # (layer, q, n)
         positions = query_pos[i][rows]
-        image = modality[i][:n] == IMAGE
-        text_rows = modality[i][positions] == TEXT
-        totals = summed.sum(-1)
-        shares = np.divide(summed[..., image].sum(-1), totals, out=np.zeros_like(totals), where=totals > 0)
-        if text_rows.any():
-            share[i] = shares[:, text_rows].mean(-1)
-        seen = text_rows & (positions > (np.argmax(image) if image.any() else n))
-        if seen.any():
-            after[i] = shares[:, seen].mean(-1)
-        is_last = np.flatnonzero(positions == n - 1)
-        if is_last.size:
-            last[i, :, :n] = summed[:, is_last[0]]
+        shares = attention_shares(
+            summed,
+            torch.from_numpy(positions),
+            torch.from_numpy(modality[i][:n] == IMAGE),
+            torch.from_numpy(modality[i][positions] == TEXT),
+        )
+        share[i], after[i], last[i, :, :n] = (x.numpy() for x in shares)
     return share, after, last
 
 
