@@ -21,10 +21,20 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from vislens.analyze.common import StoreLike, finished, group, group_key, long_table, mean_by, sample_coords
+from vislens.analyze.common import (
+    StoreLike,
+    finished,
+    group,
+    group_key,
+    long_table,
+    mean_by,
+    require_hidden,
+    sample_coords,
+)
 from vislens.errors import StoreFormatError
 from vislens.kernels.sample_stats import COSINE_STATS
 from vislens.store import IMAGE, TEXT
+from vislens.store.results import load_result
 from vislens.store.schema import ROLE_INSTRUCTION, ROLE_TEMPLATE
 
 STATS = COSINE_STATS
@@ -40,7 +50,9 @@ def text_mask(roles_or_modality: np.ndarray, text_tokens: str) -> np.ndarray:
     return roles_or_modality == TEXT
 
 
-def _block_stats(hidden: np.ndarray, tokens: np.ndarray, modality: np.ndarray, text_tokens: str, backend: str) -> np.ndarray:
+def _block_stats(
+    hidden: np.ndarray, tokens: np.ndarray, modality: np.ndarray, text_tokens: str, backend: str
+) -> np.ndarray:
     """(k, layer, token, d_model), (k, token) text selector and modality -> (k, layer, 3) float32."""
     from vislens.kernels.sample_stats import cosine_stats
 
@@ -64,15 +76,48 @@ def _text_selector(acts: xr.Dataset, text_tokens: str) -> xr.DataArray:
     return acts["token_role"]
 
 
+def _from_results(tree: xr.DataTree, acts: xr.Dataset, text_tokens: str) -> xr.Dataset | None:
+    """The statistics computed during extraction (``--compute cosine``), if the store has them."""
+    if not isinstance(tree, xr.DataTree):
+        return None
+    stats = load_result(tree, "cosine")
+    if stats is None or not stats.attrs.get("written_at_extraction"):
+        return None
+    if text_tokens not in stats["text_tokens"].values.astype(str):
+        return None
+    chosen = stats.sel(sample=acts["sample"].values, text_tokens=text_tokens)
+    return xr.Dataset({name: chosen.sel(stat=name, drop=True).drop_vars("text_tokens") for name in STATS})
+
+
 def cosine_per_sample(
-    store: StoreLike, *, text_tokens: str = "instruction", backend: str = "auto", samples_per_task: int = 4
+    store: StoreLike,
+    *,
+    text_tokens: str = "instruction",
+    backend: str = "auto",
+    samples_per_task: int = 4,
+    source: str = "auto",
 ) -> xr.Dataset:
     """Per finished sample and layer: ``inter_modal``, ``intra_image``, ``intra_text``.
 
     Lazy (Dask): one task per ``samples_per_task`` samples; call ``.compute()``, or let
     `cosine` do it, under any Dask scheduler (threads, or a distributed cluster).
+    ``source``: ``auto`` reads the statistics computed during extraction (``--compute cosine``)
+    when the store has them, else computes them from the hidden states; ``hidden`` always
+    computes; ``results`` always reads.
     """
+    tree = store if isinstance(store, xr.DataTree) else None
     acts = finished(group(store, "activations"))
+    if source not in ("auto", "hidden", "results"):
+        raise ValueError(f"source must be auto, hidden or results, got {source!r}")
+    stored = _from_results(tree, acts, text_tokens) if source != "hidden" and tree is not None else None
+    if stored is not None:
+        out = stored
+        out.attrs["source"] = "computed during extraction (results/cosine)"
+        return _labelled(out, acts, text_tokens)
+    if source == "results":
+        raise StoreFormatError("this store has no cosine statistics computed during extraction (--compute cosine)")
+    if tree is not None:
+        require_hidden(tree, acts, "the cosine analysis", "--compute cosine (statistics computed during extraction)")
     selector = _text_selector(acts, text_tokens)
     chunks = {"sample": samples_per_task, "token": -1}
     hidden = acts["hidden"].chunk(chunks | {"layer": -1, "d_model": -1})
@@ -89,6 +134,11 @@ def cosine_per_sample(
         kwargs={"backend": backend, "text_tokens": text_tokens},
     )
     out = xr.Dataset({name: stats.isel(stat=i, drop=True) for i, name in enumerate(STATS)})
+    out.attrs["source"] = "computed from the stored hidden states"
+    return _labelled(out, acts, text_tokens)
+
+
+def _labelled(out: xr.Dataset, acts: xr.Dataset, text_tokens: str) -> xr.Dataset:
     out["inter_modal"].attrs = {"long_name": f"mean cosine similarity of image-token and {text_tokens}-token states"}
     out["intra_image"].attrs = {"long_name": "mean cosine similarity of pairs of distinct image-token states"}
     out["intra_text"].attrs = {"long_name": f"mean cosine similarity of pairs of distinct {text_tokens}-token states"}

@@ -11,6 +11,7 @@ captions) is cheap. Each image token is decoded on its own; the words and the th
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,17 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from vislens.analyze.common import StoreLike, as_tree, compute, finished, group, long_table, mean_by, sample_coords
+from vislens.analyze.common import (
+    StoreLike,
+    as_tree,
+    compute,
+    finished,
+    group,
+    long_table,
+    mean_by,
+    require_hidden,
+    sample_coords,
+)
 from vislens.analyze.words import STOPWORDS, Vocabulary, reference_words, scores
 from vislens.errors import DataError
 from vislens.store import IMAGE
@@ -26,6 +37,7 @@ from vislens.store.reader import location_of
 from vislens.store.results import load_result, save_result
 
 CACHE_NAME = "logit_lens_topk"
+log = logging.getLogger("vislens.analyze")
 
 
 def apply_norm(x: torch.Tensor, kind: str, eps: float, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -62,20 +74,29 @@ def top_tokens(
 
 
 def _block_topk(
-    hidden: np.ndarray, modality: np.ndarray, *, lens: dict[str, Any], k: int, normed_last: bool, vocab_block: int
+    hidden: np.ndarray,
+    modality: np.ndarray,
+    *,
+    lens: dict[str, Any],
+    k: int,
+    normed: np.ndarray,
+    vocab_block: int,
 ) -> np.ndarray:
-    """(s, layer, token, hidden) fp16 -> (s, layer, token, k) int32 top-k ids at image tokens, -1 elsewhere."""
+    """(s, layer, token, d_model) fp16 -> (s, layer, token, k) int32 top-k ids at image tokens, -1 elsewhere.
+
+    ``normed`` (layer,) bool marks the stored layers that already carry the final norm.
+    """
     s, n_layers, n_tokens, _ = hidden.shape
     out = np.full((s, n_layers, n_tokens, k), -1, dtype=np.int32)
     weight = torch.from_numpy(lens["norm_weight"])
     bias = None if lens["norm_bias"] is None else torch.from_numpy(lens["norm_bias"])
+    apply = torch.from_numpy(~normed)
     for i in range(s):
         positions = np.flatnonzero(modality[i] == IMAGE)
         if positions.size == 0:
             continue
-        x = torch.from_numpy(np.ascontiguousarray(hidden[i][:, positions])).float()  # (layer, m, hidden)
-        last = n_layers - 1 if normed_last else n_layers
-        x[:last] = apply_norm(x[:last], lens["norm_kind"], lens["norm_eps"], weight, bias)
+        x = torch.from_numpy(np.ascontiguousarray(hidden[i][:, positions])).float()  # (layer, m, d_model)
+        x[apply] = apply_norm(x[apply], lens["norm_kind"], lens["norm_eps"], weight, bias)
         ids = top_tokens(x.reshape(-1, x.shape[-1]), lens["unembedding"], k, vocab_block=vocab_block)
         out[i][:, positions] = ids.reshape(n_layers, positions.size, k).numpy()
     return out
@@ -101,7 +122,9 @@ def logit_lens_topk(
     """
     tree = as_tree(store)
     acts = finished(group(tree, "activations"))
-    normed_last = bool(_normed_last(tree))
+    require_hidden(tree, acts, "the logit lens", "--compute lens (top-k computed during extraction)")
+    last = int(tree.attrs.get("model", {}).get("n_layers", int(acts["layer"].values.max())))
+    normed = (acts["layer"].values == last) & bool(_normed_last(tree))
     hidden = acts["hidden"].chunk({"sample": samples_per_task, "layer": -1, "token": -1, "d_model": -1})
     modality = acts["modality"].chunk({"sample": samples_per_task, "token": -1})
     return xr.apply_ufunc(
@@ -113,7 +136,7 @@ def logit_lens_topk(
         dask="parallelized",
         output_dtypes=[np.int32],
         dask_gufunc_kwargs={"output_sizes": {"rank": k}},
-        kwargs={"lens": _lens_arrays(tree), "k": k, "normed_last": normed_last, "vocab_block": vocab_block},
+        kwargs={"lens": _lens_arrays(tree), "k": k, "normed": normed, "vocab_block": vocab_block},
     ).rename("top_ids")
 
 
@@ -124,19 +147,32 @@ def _normed_last(tree: xr.DataTree) -> int:
 def cached_topk(
     store: StoreLike, k: int = 1, *, cache: bool = True, progress: bool = False, **kwargs: Any
 ) -> xr.DataArray:
-    """Top-k ids, read from ``results/logit_lens_topk`` when a fresh one covers the request.
+    """Top-k ids of the finished samples: from ``results/logit_lens_topk`` when it covers the request,
+    else computed from the hidden states (and cached).
 
-    Fresh: written for this store's fingerprint and final-norm reading, with rank >= k, and for
-    exactly the samples done now (a resumed extraction makes an older cache stale).
+    The results are used when written for this store's fingerprint and final-norm reading with
+    rank >= k, and either computed during extraction (``--compute lens``; every finished sample is
+    there) or cached by an earlier analysis of exactly the samples done now (a resumed extraction
+    makes an older cache stale). A result computed during extraction is never replaced.
     """
     tree = as_tree(store)
     normed_last = _normed_last(tree)
     cached = load_result(tree, CACHE_NAME, final_norm_applied_to_last=normed_last) if cache else None
     done = finished(group(tree, "activations"))["sample"].values
-    if cached is not None and cached.sizes["rank"] >= k and np.array_equal(cached["sample"].values, done):
-        return cached.isel(rank=slice(0, k)).compute()
+    at_extraction = cached is not None and bool(cached.attrs.get("written_at_extraction"))
+    if cached is not None and cached.sizes["rank"] >= k:
+        if at_extraction:
+            return cached.sel(sample=done).isel(rank=slice(0, k)).compute()
+        if np.array_equal(cached["sample"].values, done):
+            return cached.isel(rank=slice(0, k)).compute()
+    if at_extraction:
+        log.info(
+            "results hold the top-%d computed during extraction; top-%d is computed from the hidden states",
+            cached.sizes["rank"],
+            k,
+        )
     top = compute(logit_lens_topk(tree, k, **kwargs), progress=progress)
-    if cache:
+    if cache and not at_extraction:
         save_result(location_of(tree), CACHE_NAME, top, k=k, final_norm_applied_to_last=normed_last)
     return top
 

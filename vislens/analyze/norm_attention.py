@@ -69,13 +69,47 @@ def _block(
     return share, after, last
 
 
-def norm_attention_per_sample(store: StoreLike, *, backend: str = "auto", samples_per_task: int = 2) -> xr.Dataset:
+STAT_GROUP = "norm_attention"
+"""``results/norm_attention``: these statistics computed during extraction (``--compute norm-attention``)."""
+
+
+def _from_results(tree: xr.DataTree, keep: np.ndarray) -> xr.Dataset | None:
+    if "results" not in tree.children or STAT_GROUP not in tree["results"].children:
+        return None
+    ds = tree["results"][STAT_GROUP].to_dataset(inherit=False)
+    share = ds.get("image_share")
+    if share is None or share.attrs.get("source_fingerprint") != tree.attrs.get("vislens_fingerprint"):
+        return None
+    return ds[["image_share", "image_share_after_image", "last_query"]].sel(sample=keep)
+
+
+def norm_attention_per_sample(
+    store: StoreLike, *, backend: str = "auto", samples_per_task: int = 2, source: str = "auto"
+) -> xr.Dataset:
     """Lazy per finished sample: ``image_share``, ``image_share_after_image`` (sample, layer) and
-    ``last_query`` (sample, layer, token), NaN/0 where a sample has no such query row."""
+    ``last_query`` (sample, layer, token), NaN/0 where a sample has no such query row.
+
+    ``source``: ``auto`` reads the statistics computed during extraction (``--compute
+    norm-attention``) when the store has them, else computes them from the attention group;
+    ``attention`` always computes; ``results`` always reads.
+    """
     tree = as_tree(store)
     acts = group(tree, "activations")
-    attention = group(tree, "attention")
     keep = finished(acts)["sample"].values
+    stored = _from_results(tree, keep) if source != "attention" else None
+    if stored is not None:
+        stored.attrs["source"] = "computed during extraction (results/norm_attention)"
+        return _labelled(stored, acts.sel(sample=keep))
+    if source == "results":
+        raise StoreFormatError("this store has no norm-attention statistics computed during extraction")
+    if "attention" not in tree.children:
+        keep_attrs = tree.attrs.get("keep", [])
+        raise StoreFormatError(
+            f"this store holds no attention group (extracted with --attention {tree.attrs.get('attention_mode', '?')} "
+            f"--keep {','.join(keep_attrs) or 'none'}): norm-based attention needs it, or --compute norm-attention "
+            "during extraction; re-extract with --attention text (or last/all) and --keep attention"
+        )
+    attention = group(tree, "attention")
     acts, attention = acts.sel(sample=keep), attention.sel(sample=keep)
     chunks = {"sample": samples_per_task}
     share, after, last = xr.apply_ufunc(
@@ -99,6 +133,11 @@ def norm_attention_per_sample(store: StoreLike, *, backend: str = "auto", sample
     )
     out = xr.Dataset({"image_share": share, "image_share_after_image": after, "last_query": last})
     out["layer"] = attention["layer"]
+    out.attrs["source"] = "computed from the attention group"
+    return _labelled(out, acts)
+
+
+def _labelled(out: xr.Dataset, acts: xr.Dataset) -> xr.Dataset:
     long_names = {
         "image_share": "share of the text queries' norm-based attention on image tokens",
         "image_share_after_image": "share of norm-based attention on image tokens, text queries after the first image token",

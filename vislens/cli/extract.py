@@ -77,6 +77,34 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
         choices=["none", "last", "text", "all"],
         help="query rows whose attention is stored",
     )
+    p.add_argument(
+        "--keep",
+        type=_keep,
+        default=("hidden", "attention"),
+        help="what the store holds per sample: hidden, attention (weights and value Gram matrices), both, or "
+        "none (statistics only, with --compute); a 7B sample's hidden states are ~170 MB",
+    )
+    p.add_argument(
+        "--compute",
+        type=kinds,
+        default=(),
+        help="statistics computed during extraction on the model's device, into the store's results group "
+        "(analyses then need no hidden states): cosine, norm-attention, lens; e.g. cosine,norm-attention,lens",
+    )
+    p.add_argument(
+        "--layers",
+        help="hidden-state layers to keep: start:stop[:step] or a list, e.g. 0:33:4 or 0,16,32 (0 = embeddings, "
+        "l = output of decoder layer l; attention keeps the same decoder layers); statistics use every layer",
+    )
+    p.add_argument(
+        "--lens-topk",
+        type=int,
+        default=5,
+        help="top-k of --compute lens (the study uses top-1; 5 allows re-scoring up to top-5, ~0.6 MB per 7B sample)",
+    )
+    p.add_argument(
+        "--lens-all-tokens", action="store_true", help="--compute lens decodes every token, not only the image tokens"
+    )
     p.add_argument("--keep-bits", type=int, help="LOSSY: keep N of fp16's 10 mantissa bits of hidden states (1-10)")
     p.add_argument("--shard", type=shard, default=(0, 1), help="this process's share i/n of the samples")
     p.add_argument(
@@ -90,6 +118,12 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage-options", help="JSON fsspec options for the store URL (e.g. an S3 endpoint)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_extract)
+
+
+def _keep(text: str) -> tuple[str, ...]:
+    """Parse ``--keep``: a comma list of hidden, attention, or none."""
+    items = kinds(text)
+    return () if items == ("none",) else items
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
@@ -114,6 +148,11 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         revision=args.revision,
         attention=args.attention,
+        keep=args.keep,
+        compute=args.compute,
+        layers=args.layers,
+        lens_topk=args.lens_topk,
+        lens_all_tokens=args.lens_all_tokens,
         keep_bits=args.keep_bits,
         shard=args.shard,
         block=args.block,

@@ -38,7 +38,7 @@ def shard_blocks(n_samples: int, block: int, shard: tuple[int, int]) -> np.ndarr
     return samples[(samples // block) % count == index]
 
 
-SAMPLE_FILES = frozenset({"hidden", "attn", "value_gram"})
+SAMPLE_FILES = schema.SAMPLE_FILES
 """Arrays with one file (shard) per sample: writes of different samples never touch one file."""
 
 
@@ -58,11 +58,14 @@ class StoreWriter:
             location.zarr_store(read_only=False), mode="r+", zarr_format=3, use_consolidated=False
         )
         self.arrays: dict[str, Any] = {}
-        for group in ("activations", "attention"):
-            if group in self.root:
-                for name, array in self.root[group].arrays():
-                    # samples are written whole: skip zarr's costly "is this chunk all fill?" scan
-                    self.arrays[name] = array.with_config({"write_empty_chunks": True})
+        groups = [g for g in ("activations", "attention") if g in self.root]
+        groups += [g for g in schema.STAT_GROUPS.values() if g in self.root]
+        for group in groups:
+            for name, array in self.root[group].arrays():
+                if group.startswith("results/") and not array.attrs.get("written_at_extraction"):
+                    continue
+                # samples are written whole: skip zarr's costly "is this chunk all fill?" scan
+                self.arrays[name] = array.with_config({"write_empty_chunks": True})
         self.done = self.arrays["done"]
         self.block = int(self.root.attrs.get("vislens_block", 64))
         self.keep_bits = self.root.attrs.get("keep_bits")
