@@ -437,7 +437,7 @@ def _select(ids, values, kept, k, out_values, out_ids):
 
 def topk(x: torch.Tensor, prep: Prepared, k: int, *, cap: int = CAP) -> tuple[torch.Tensor, torch.Tensor, Stats]:
     """x: (rows, d) float32 normed rows -> (rows, k) exact float32 values, int64 ids, and Stats."""
-    rows, cap = x.shape[0], max(cap, 4 * k)
+    rows, cap = x.shape[0], max(cap, k)
     values = np.empty((rows, k), np.float32)
     ids = np.empty((rows, k), np.int64)
     counts = np.zeros(rows, np.int64)
