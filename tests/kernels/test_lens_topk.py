@@ -135,7 +135,8 @@ def _rn32(q: Fraction) -> float:
 
 
 def _adversarial() -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 rows and unembedding whose correctly rounded logits an fp32 GEMM can get wrong."""
+    """fp32 rows and unembedding whose correctly rounded logits an fp32 GEMM can get wrong.
+    Each row's construction lives in its own hidden dims, so it decides that row's top k."""
     d, vocab = 40, 64
     w = torch.zeros(vocab, d)
     x = torch.zeros(4, d)
@@ -143,23 +144,24 @@ def _adversarial() -> tuple[torch.Tensor, torch.Tensor]:
     x[0, :3] = torch.tensor([1.0, 2.0**-30, -1.0])
     w[10, :3] = 1.0  # 2^-30
     w[11, 1] = 0.5  # 2^-31
-    # row 1: fp32 midpoints, 1 + 2^-24 rounds to 1 (even); a hair above rounds up
-    x[1, 3:5] = 1.0
-    w[20, 3:5] = torch.tensor([1.0, 0.0])  # 1
-    w[21, 3:5] = torch.tensor([1.0, 2.0**-24])  # 1 + 2^-24 -> 1, ties with id 20
-    w[22, 3:5] = torch.tensor([1.0, 2.0**-24 + 2.0**-40])  # -> 1 + 2^-23
-    w[23, 3:5] = torch.tensor([1.0 + 2.0**-23, 2.0**-24])  # 1 + 3 2^-24 -> 1 + 2^-22 (even)
+    # row 1: fp32 midpoints, 1 + 2^-24 rounds to 1 (even); anything above it rounds up
+    x[1, 3:6] = 1.0
+    w[19, 3:6] = torch.tensor([1.0, 2.0**-24, 2.0**-80])  # fp64 sum is the midpoint; -> 1 + 2^-23
+    w[20, 3:6] = torch.tensor([1.0, 0.0, 0.0])  # 1
+    w[21, 3:6] = torch.tensor([1.0, 2.0**-24, 0.0])  # 1 + 2^-24 -> 1, ties with id 20
+    w[22, 3:6] = torch.tensor([1.0, 2.0**-24 + 2.0**-40, 0.0])  # -> 1 + 2^-23, ties with id 19
+    w[23, 3:6] = torch.tensor([1.0 + 2.0**-23, 2.0**-24, 0.0])  # 1 + 3 2^-24 -> 1 + 2^-22 (even)
     # row 2: 40 logits within a few ulps of each other, far inside the int8 screen's error
     g = torch.Generator().manual_seed(6)
-    x[2] = torch.randn(d, generator=g)
+    x[2, 8:] = torch.randn(d - 8, generator=g)
     base, direction = x[2] + torch.randn(d, generator=g) / 4, torch.randn(d, generator=g)
     steps = torch.randint(-4, 5, (40, 1), generator=g).float() * 2.0**-22
-    w[24:64] = base + steps * direction
+    w[24:64, 8:] = (base + steps * direction)[:, 8:]
     # row 3: one-ulp neighbours of one unembedding row
-    x[3] = w[24] + torch.randn(d, generator=g) / 4
+    x[3, 8:] = w[24, 8:] + torch.randn(d - 8, generator=g) / 4
     w[30:40] = w[24]
     for j in range(30, 40):
-        t = j - 30
+        t = 8 + j - 30
         w[j, t] = float(np.nextafter(np.float32(w[j, t]), np.float32(np.inf if j % 2 else -np.inf)))
     return x, w
 
@@ -174,7 +176,7 @@ def test_reference_is_correctly_rounded():
             exact = sum(Fraction(float(a)) * Fraction(float(b)) for a, b in zip(x[i], w[j]))
             assert float(got[i, j]) == _rn32(exact), (i, j)
     assert got[1, 21] == 1.0 and got[1, 22] == 1.0 + 2.0**-23 and got[1, 23] == 1.0 + 2.0**-22
-    assert got[0, 10] == 2.0**-30
+    assert got[1, 19] == 1.0 + 2.0**-23 and got[0, 10] == 2.0**-30
 
 
 @pytest.mark.parametrize("k", [1, 3, 10])
@@ -188,9 +190,9 @@ def test_cpu_certificate_on_adversarial_rows(k):
         values, ids, stats = cpu.topk(x, prepared, k, cap=cap)
         assert torch.equal(ids, want_ids) and torch.equal(values, want_values)
     assert stats.fallback[2]  # cap k: the near-tie row screens again in fp32
-    if k >= 3:
-        assert want_ids[1, :4].tolist() == [23, 22, 20, 21][:k]  # 21 rounds to 1.0, ties with 20
-        assert stats.exact_sums > 0  # that midpoint went through math.fsum
+    assert want_ids[0, :3].tolist() == [10, 11, 0][:k]  # 2^-30 > 2^-31 > 0 = the rest, by id
+    assert want_ids[1, :5].tolist() == [23, 19, 22, 20, 21][:k]
+    assert stats.exact_sums > 0  # the midpoint of id 19 at least went through math.fsum
 
 
 def test_cpu_flat_and_zero_rows():
