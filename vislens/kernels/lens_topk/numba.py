@@ -109,48 +109,78 @@ def _onednn_gemm(xu: torch.Tensor, packed: torch.Tensor, vocab: int) -> torch.Te
     )
 
 
+def rotation(d: int) -> tuple[np.ndarray, int]:
+    """The screen's basis change: random signs (fixed seed) and the Hadamard transform on blocks
+    of `block` dims (the largest of 256, 64, 16, 4, 1 dividing d: 1/sqrt(block) is a power of two)."""
+    block = next(b for b in (256, 64, 16, 4, 1) if d % b == 0)
+    return np.random.default_rng(0).choice(np.array([-1.0, 1.0]), size=d), block
+
+
+@njit(cache=True)
+def _rotate(row, signs, block, out):
+    """out = H D row in fp64: signs, then an unnormalised Hadamard butterfly per block, scaled."""
+    for t in range(row.size):
+        out[t] = signs[t] * np.float64(to_f32(row[t]))
+    for b0 in range(0, out.size, block):
+        h = 1
+        while h < block:
+            for i in range(b0, b0 + block, 2 * h):
+                for j in range(i, i + h):
+                    u, v = out[j], out[j + h]
+                    out[j], out[j + h] = u + v, u - v
+            h *= 2
+    scale = 1.0 / math.sqrt(block)
+    for t in range(out.size):
+        out[t] *= scale
+
+
 @njit(parallel=True, cache=True)
-def _quantize(x, out, offset, scale, q2, q1, e2, x2):
-    """Per row of x (fp16/bf16 bits or fp32): scale = max|x| / 127 (fp32), out = round(x / scale)
-    + offset (int8 codes, or u8 with offset 128), and in fp64 |q|, |q|_1, |x - scale q| (exact
-    residuals: scale * q has 31 significant bits) and |x|. False if x is not finite."""
+def _quantize(x, signs, block, out, offset, scale, q2, q1, e2, x2):
+    """Per row of x (fp16/bf16 bits or fp32), rotated (x' = H D x in fp64, see `rotation`):
+    scale = max|x'| / 127, out = round(x' / scale) + offset (int8 codes, or u8 with offset 128),
+    and in fp64 |q|, |q|_1, |x' - scale q| and |x|. False if x is not finite."""
     rows, d = x.shape
     finite = np.ones(rows, np.bool_)
     for i in prange(rows):
-        top = np.float32(0)
+        xsq = 0.0
         for t in range(d):
-            top = max(top, abs(to_f32(x[i, t])))
-        if not top < np.inf:  # NaN fails too
+            v = np.float64(to_f32(x[i, t]))
+            xsq += v * v
+        if not xsq < np.inf:  # NaN fails too
             finite[i] = False
             continue
-        s = top / np.float32(127)
-        inverse = np.float32(1) / s if s > 0 else np.float32(0)
-        s64 = np.float64(s)
-        sq = l1 = esq = xsq = 0.0
+        rotated = np.empty(d)
+        _rotate(x[i], signs, block, rotated)
+        top = 0.0
         for t in range(d):
-            v = to_f32(x[i, t])
-            q = min(max(np.rint(v * inverse), np.float32(-127)), np.float32(127))
+            top = max(top, abs(rotated[t]))
+        s = top / 127
+        inverse = 1.0 / s if s > 0 else 0.0
+        sq = l1 = esq = 0.0
+        for t in range(d):
+            q = min(max(np.rint(rotated[t] * inverse), -127.0), 127.0)
             out[i, t] = q + offset
-            e = np.float64(v) - s64 * np.float64(q)
-            sq += np.float64(q) * np.float64(q)
-            l1 += abs(np.float64(q))
+            e = rotated[t] - s * q
+            sq += q * q
+            l1 += abs(q)
             esq += e * e
-            xsq += np.float64(v) * np.float64(v)
-        scale[i], q2[i], q1[i], e2[i], x2[i] = s64, math.sqrt(sq), l1, math.sqrt(esq), math.sqrt(xsq)
+        scale[i], q2[i], q1[i], e2[i], x2[i] = s, math.sqrt(sq), l1, math.sqrt(esq), math.sqrt(xsq)
     return finite.all()
 
 
-def prepare(weight: torch.Tensor) -> Prepared:
-    """int8 rows qw_j = round(w_j / sw_j), sw_j = max|w_j| / 127, and the norms of the bound."""
+def prepare(weight: torch.Tensor, gemm: str = "auto") -> Prepared:
+    """int8 rows qw'_j = round(w'_j / sw_j) of the rotated w'_j = H D w_j, sw_j = max|w'_j| / 127,
+    and the norms of the bound. gemm: "onednn" where it works ("auto"), or "int_mm"."""
     weight = weight.detach().contiguous()
     vocab, d = weight.shape
     if 255 * 127 * d >= 2**31:
         raise ValueError(f"hidden size {d} is too large for exact int32 accumulation (at most 66000)")
+    signs, block = rotation(d)
     qw = torch.empty(vocab, d, dtype=torch.int8)
     sw, q2, l1, ew, wn = (np.empty(vocab) for _ in range(5))
-    if not _quantize(as_numpy(weight), qw.numpy(), 0, sw, q2, l1, ew, wn):
+    if not _quantize(as_numpy(weight), signs, block, qw.numpy(), 0, sw, q2, l1, ew, wn):
         raise ValueError("the unembedding holds NaN or infinite values")
-    packed = _onednn_pack(qw)
+    packed = _onednn_pack(qw) if gemm == "auto" else None
     if packed is None:
         return Prepared(weight, "int_mm", qw, sw, ew, wn)
     rho = 2.0**-22 * 383 * l1  # oneDNN's fp32 output: see the module docstring
@@ -158,16 +188,17 @@ def prepare(weight: torch.Tensor) -> Prepared:
 
 
 def _screen(x: torch.Tensor, prep: Prepared) -> tuple[torch.Tensor, tuple, np.ndarray]:
-    """The int8 screen of rows x (R, d) fp32: qx . qw_j (fp32 or int32), its bound terms
-    (sx, sw, sx |qx|, |ew|, |ex|, |w|) and |x|."""
+    """The int8 screen of rows x (R, d) fp32: qx' . qw'_j (fp32 or int32), its bound terms
+    (sx, sw, sx |qx'|, |ew'|, |ex'| + 2^-38 |x|, |w|) and |x|."""
     rows = x.shape[0]
     sx, q2, l1, ex, xn = (np.empty(rows) for _ in range(5))
     onednn = prep.gemm == "onednn"
     codes = torch.empty(x.shape, dtype=torch.uint8 if onednn else torch.int8)
-    if not _quantize(x.numpy(), codes.numpy(), 128 if onednn else 0, sx, q2, l1, ex, xn):
+    signs, block = rotation(x.shape[1])
+    if not _quantize(x.numpy(), signs, block, codes.numpy(), 128 if onednn else 0, sx, q2, l1, ex, xn):
         raise ValueError("the normed hidden rows hold NaN or infinite values")
     screen = _onednn_gemm(codes, prep.packed, prep.sw.size) if onednn else torch._int_mm(codes, prep.packed.T)
-    return screen, (sx, prep.sw, sx * q2, prep.p, ex, prep.q), xn
+    return screen, (sx, prep.sw, sx * q2, prep.p, ex + 2.0**-38 * xn, prep.q), xn
 
 
 def _fp32_screen(x: torch.Tensor, prep: Prepared) -> tuple[torch.Tensor, tuple, np.ndarray]:
