@@ -219,7 +219,7 @@ def test_cpu_screen_survives_outlier_dims():
     want = reference.lens_topk(hidden, weight, 5)
     values, ids, stats = cpu.topk(hidden, cpu.prepare(weight), 5, cap=200)
     assert torch.equal(ids, want[1]) and torch.equal(values, want[0])
-    assert not stats.fallback.any() and stats.candidates.max() < 100
+    assert not stats.fallback.any() and stats.candidates.mean() < 15  # unrotated: 22 (k = 5)
 
 
 def test_cpu_int8_gemm_paths_agree():
