@@ -26,7 +26,7 @@ D, S, P = DONE, SKIPPED, PENDING
 
 
 def test_resume_keeps_skipped_samples_skipped_and_writes_pending_ones(
-    filling_disk,
+    filling_disk,  # noqa: F811 - the fixture imported above
     toy_models,
     manifest,
     write_manifest,

@@ -83,10 +83,12 @@ def _from_results(tree: xr.DataTree, acts: xr.Dataset, text_tokens: str) -> xr.D
     stats = load_result(tree, "cosine")
     if stats is None or not stats.attrs.get("written_at_extraction"):
         return None
-    if text_tokens not in stats["text_tokens"].values.astype(str):
+    sets = [str(v) for v in stats["text_tokens"].values]
+    names = [str(v) for v in stats["stat"].values]
+    if text_tokens not in sets:
         return None
-    chosen = stats.sel(sample=acts["sample"].values, text_tokens=text_tokens)
-    return xr.Dataset({name: chosen.sel(stat=name, drop=True).drop_vars("text_tokens") for name in STATS})
+    chosen = stats.sel(sample=acts["sample"].values).isel(text_tokens=sets.index(text_tokens), drop=True)
+    return xr.Dataset({name: chosen.isel(stat=names.index(name), drop=True) for name in STATS})
 
 
 def cosine_per_sample(

@@ -12,6 +12,7 @@ captions) is cheap. Each image token is decoded on its own; the words and the th
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,9 @@ from vislens.analyze.common import (
 )
 from vislens.analyze.words import STOPWORDS, Vocabulary, reference_words, scores
 from vislens.errors import DataError
+from vislens.kernels import lens_topk, prepare_unembedding
+from vislens.kernels.lens_topk import LensNorm
+from vislens.kernels.lens_topk.reference import apply_norm as kernel_apply_norm
 from vislens.store import IMAGE
 from vislens.store.reader import location_of
 from vislens.store.results import load_result, save_result
@@ -41,64 +45,56 @@ log = logging.getLogger("vislens.analyze")
 
 
 def apply_norm(x: torch.Tensor, kind: str, eps: float, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The decoder's final norm on float32 rows ``x`` (rows, hidden)."""
-    if kind in ("rms", "rms_offset"):
-        scale = weight + 1.0 if kind == "rms_offset" else weight
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale
-    if kind == "layer":
-        out = torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-        return out
-    raise DataError(f"unknown norm kind {kind!r} in lens/norm_kind; expected rms, rms_offset or layer")
+    """The decoder's final norm on float32 rows ``x`` (rows, d_model)."""
+    if kind not in ("rms", "rms_offset", "layer"):
+        raise DataError(f"unknown norm kind {kind!r} in lens/norm_kind; expected rms, rms_offset or layer")
+    return kernel_apply_norm(x, LensNorm(kind, eps, weight, bias))
 
 
-def top_tokens(
-    x: torch.Tensor, unembedding: np.ndarray, k: int, *, vocab_block: int = 8192, row_block: int = 4096
-) -> torch.Tensor:
-    """Top-k vocabulary ids of ``x @ unembedding.T`` (rows, k), vocabulary in blocks (bounded memory)."""
-    rows = x.shape[0]
-    out = torch.empty((rows, k), dtype=torch.int64)
-    weight = torch.from_numpy(unembedding)
-    for r0 in range(0, rows, row_block):
-        chunk = x[r0 : r0 + row_block]
-        best_vals = torch.full((chunk.shape[0], k), -torch.inf)
-        best_ids = torch.zeros((chunk.shape[0], k), dtype=torch.int64)
-        for v0 in range(0, weight.shape[0], vocab_block):
-            logits = chunk @ weight[v0 : v0 + vocab_block].float().T
-            vals, ids = logits.topk(min(k, logits.shape[1]), dim=1)
-            vals = torch.cat([best_vals, vals], dim=1)
-            ids = torch.cat([best_ids, ids + v0], dim=1)
-            order = vals.topk(k, dim=1).indices
-            best_vals, best_ids = vals.gather(1, order), ids.gather(1, order)
-        out[r0 : r0 + row_block] = best_ids
-    return out
+_PREPARED: dict[int, tuple[Any, Any]] = {}
+
+
+def _prepared(unembedding: np.ndarray) -> Any:
+    """The unembedding prepared for `vislens.kernels.lens_topk` once per array (and process)."""
+    key = id(unembedding)
+    hit = _PREPARED.get(key)
+    if hit is not None and hit[0]() is unembedding:
+        return hit[1]
+    prepared = prepare_unembedding(unembedding)
+    _PREPARED.clear()  # one store's unembedding at a time: bounded memory
+    _PREPARED[key] = (weakref.ref(unembedding), prepared)
+    return prepared
 
 
 def _block_topk(
-    hidden: np.ndarray,
-    modality: np.ndarray,
-    *,
-    lens: dict[str, Any],
-    k: int,
-    normed: np.ndarray,
-    vocab_block: int,
+    hidden: np.ndarray, modality: np.ndarray, *, lens: dict[str, Any], k: int, normed: np.ndarray, backend: str
 ) -> np.ndarray:
     """(s, layer, token, d_model) fp16 -> (s, layer, token, k) int32 top-k ids at image tokens, -1 elsewhere.
 
-    ``normed`` (layer,) bool marks the stored layers that already carry the final norm.
+    ``normed`` (layer,) bool marks the stored layers that already carry the final norm. The top-k
+    is `vislens.kernels.lens_topk` (on the CPU its exact path: the ids of fp32 logits, ties to
+    the smaller id), the same kernel extraction uses for ``--compute lens``.
     """
     s, n_layers, n_tokens, _ = hidden.shape
     out = np.full((s, n_layers, n_tokens, k), -1, dtype=np.int32)
-    weight = torch.from_numpy(lens["norm_weight"])
-    bias = None if lens["norm_bias"] is None else torch.from_numpy(lens["norm_bias"])
-    apply = torch.from_numpy(~normed)
+    unembedding = _prepared(lens["unembedding"])
+    norm = LensNorm(
+        lens["norm_kind"],
+        lens["norm_eps"],
+        torch.from_numpy(lens["norm_weight"]),
+        None if lens["norm_bias"] is None else torch.from_numpy(lens["norm_bias"]),
+    )
     for i in range(s):
         positions = np.flatnonzero(modality[i] == IMAGE)
         if positions.size == 0:
             continue
-        x = torch.from_numpy(np.ascontiguousarray(hidden[i][:, positions])).float()  # (layer, m, d_model)
-        x[apply] = apply_norm(x[apply], lens["norm_kind"], lens["norm_eps"], weight, bias)
-        ids = top_tokens(x.reshape(-1, x.shape[-1]), lens["unembedding"], k, vocab_block=vocab_block)
-        out[i][:, positions] = ids.reshape(n_layers, positions.size, k).numpy()
+        x = torch.from_numpy(np.ascontiguousarray(hidden[i][:, positions]))  # (layer, m, d_model) fp16
+        ids = torch.empty((n_layers, positions.size, k), dtype=torch.int64)
+        for done, layers in ((False, ~normed), (True, normed)):
+            if layers.any():
+                chosen = torch.from_numpy(np.flatnonzero(layers))
+                ids[chosen] = lens_topk(x[chosen], unembedding, k, norm=None if done else norm, backend=backend)[1]
+        out[i][:, positions] = ids.numpy()
     return out
 
 
@@ -113,9 +109,7 @@ def _lens_arrays(tree: xr.DataTree) -> dict[str, Any]:
     }
 
 
-def logit_lens_topk(
-    store: StoreLike, k: int = 1, *, vocab_block: int = 8192, samples_per_task: int = 1
-) -> xr.DataArray:
+def logit_lens_topk(store: StoreLike, k: int = 1, *, backend: str = "auto", samples_per_task: int = 1) -> xr.DataArray:
     """Lazy (Dask) top-k ids of every image token at every layer: (sample, layer, token, rank) int32.
 
     Only finished samples; non-image positions hold -1.
@@ -136,7 +130,7 @@ def logit_lens_topk(
         dask="parallelized",
         output_dtypes=[np.int32],
         dask_gufunc_kwargs={"output_sizes": {"rank": k}},
-        kwargs={"lens": _lens_arrays(tree), "k": k, "normed": normed, "vocab_block": vocab_block},
+        kwargs={"lens": _lens_arrays(tree), "k": k, "normed": normed, "backend": backend},
     ).rename("top_ids")
 
 
