@@ -128,7 +128,6 @@ class ExtractConfig:
     def content_args(self) -> dict[str, Any]:
         """The options that determine the store's content (recorded and fingerprinted)."""
         args = {k: v for k, v in asdict(self).items() if k not in RUNTIME_ONLY}
-        args["prompts"] = list(self.prompts)
         for name in ("prompts_file", "noisy_prompts_file"):
             path = getattr(self, name)
             if path:
@@ -136,7 +135,7 @@ class ExtractConfig:
                     args[f"{name}_sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
                 except OSError as exc:
                     raise ConfigError(f"cannot read --{name.replace('_', '-')} {path}: {exc.strerror}") from None
-        return args
+        return json.loads(json.dumps(args, default=str))  # as stored: tuples become lists
 
 
 def fingerprint(args: dict[str, Any], plan_rows: list[tuple[str, ...]]) -> str:
