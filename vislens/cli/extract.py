@@ -85,6 +85,14 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
         "none (statistics only, with --compute); a 7B sample's hidden states are ~170 MB",
     )
     p.add_argument(
+        "--capture",
+        type=_capture,
+        default=(),
+        help="more capture points beside the decoder's residual stream, each its own array in the store's captures "
+        "group: vision.layers, projector, decoder.attn_out, decoder.mlp_out, or re:REGEX for the outputs of modules "
+        "whose name matches (model.named_modules())",
+    )
+    p.add_argument(
         "--compute",
         type=kinds,
         default=(),
@@ -126,6 +134,16 @@ def _keep(text: str) -> tuple[str, ...]:
     return () if items == ("none",) else items
 
 
+def _capture(text: str) -> tuple[str, ...]:
+    """Parse ``--capture`` (checked by vislens.extract.modules.parse_capture)."""
+    from vislens.extract.modules import parse_capture
+
+    try:
+        return parse_capture(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _cmd_extract(args: argparse.Namespace) -> int:
     from vislens.extract import ExtractConfig, extract
 
@@ -149,6 +167,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         revision=args.revision,
         attention=args.attention,
         keep=args.keep,
+        capture=args.capture,
         compute=args.compute,
         layers=args.layers,
         lens_topk=args.lens_topk,

@@ -83,6 +83,7 @@ class ExtractConfig:
     revision: str | None = None
     attention: str = "text"
     keep: tuple[str, ...] = KEEP
+    capture: tuple[str, ...] = ()
     compute: tuple[str, ...] = ()
     layers: str | None = None
     lens_topk: int = LENS_TOPK
@@ -105,6 +106,10 @@ class ExtractConfig:
         unknown = [k for k in self.keep if k not in KEEP]
         if unknown:
             raise ConfigError(f"--keep takes {', '.join(KEEP)} or none, got {', '.join(unknown)}")
+        if self.capture:
+            from vislens.extract.modules import parse_capture
+
+            parse_capture(",".join(self.capture))
         unknown = [c for c in self.compute if c not in COMPUTE]
         if unknown:
             raise ConfigError(f"--compute takes {', '.join(COMPUTE)}, got {', '.join(unknown)}")

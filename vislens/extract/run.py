@@ -21,6 +21,7 @@ from vislens.extract.config import COMPUTE, ExtractConfig, fingerprint, parse_la
 from vislens.extract.datasets import DataSet, load_data
 from vislens.extract.final_norm import FinalNormCheck, check_final_norm
 from vislens.extract.images import load_image
+from vislens.extract.modules import CaptureArray, capture_modules, describe, stacked
 from vislens.extract.plan import Sample, make_plan, query_capacity
 from vislens.store import schema
 from vislens.store.create import CaptionData, LensData, StoreSpec
@@ -95,7 +96,13 @@ def _lens(loaded: LoadedModel, vocab: tuple[list[str], np.ndarray]) -> LensData:
 
 
 def _store_spec(
-    config: ExtractConfig, loaded: LoadedModel, data: DataSet, plan: list[Sample], vocab, final_norm: FinalNormCheck
+    config: ExtractConfig,
+    loaded: LoadedModel,
+    data: DataSet,
+    plan: list[Sample],
+    vocab,
+    final_norm: FinalNormCheck,
+    captures: tuple[CaptureArray, ...] = (),
 ) -> StoreSpec:
     adapter = loaded.adapter
     shape = adapter.attention_shape
@@ -116,6 +123,7 @@ def _store_spec(
         keep_attention="attention" in config.keep,
         stats=tuple(c for c in COMPUTE if c in config.compute),
         lens_k=config.lens_topk if "lens" in config.compute else 0,
+        captures=captures,
     )
     strings = lambda values: np.asarray(values, dtype=np.dtypes.StringDType())  # noqa: E731
     plan_arrays = {
@@ -142,6 +150,7 @@ def _store_spec(
         "attention_mode": config.attention,
         "keep": list(config.keep) or ["none"],
         "computed": list(layout.stats),
+        "captured": [a.point for a in captures],
         "layers_kept": list(layout.hidden_layers),
         "keep_bits": config.keep_bits,
         "n_samples": len(plan),
@@ -229,10 +238,14 @@ def _on(device: str, inputs: dict[str, Any]) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
-def _check_final_norm(loaded: LoadedModel, config: ExtractConfig, plan: list[Sample]) -> FinalNormCheck:
-    """Run the first sample whose image reads and measure whether h_L carries the final norm."""
+def _probe(
+    loaded: LoadedModel, config: ExtractConfig, plan: list[Sample], n_tokens: int
+) -> tuple[FinalNormCheck, tuple[CaptureArray, ...]]:
+    """Run the first sample whose image reads: measure whether h_L carries the final norm, and the
+    shapes of the ``--capture`` arrays."""
     adapter = loaded.adapter
     first_error: ImageError | None = None
+    points = tuple(p for p in config.capture if p != "residual")
     for sample in plan:
         try:
             image = load_image(sample.record.image)
@@ -242,12 +255,13 @@ def _check_final_norm(loaded: LoadedModel, config: ExtractConfig, plan: list[Sam
                 raise
             continue
         encoded = _encode(adapter, [sample], [image])
-        with torch.inference_mode():
+        with torch.inference_mode(), capture_modules(adapter, points) as captured:
             outputs = adapter.forward(_on(config.resolved_device(), encoded.inputs))
         valid = encoded.inputs["attention_mask"].bool().to(config.resolved_device())
-        return check_final_norm(adapter, outputs, valid)
+        tensors = stacked(captured, 1, adapter.family)
+        return check_final_norm(adapter, outputs, valid), describe(adapter, tensors, points, sample.n_tokens, n_tokens)
     log.warning("no image could be read (first: %s); every sample will be skipped", first_error)
-    return FinalNormCheck(True, float("nan"), float("nan"))
+    return FinalNormCheck(True, float("nan"), float("nan")), ()
 
 
 @dataclass
@@ -316,12 +330,14 @@ def _run_batch(
     q_capacity = context.q_capacity
     qpos = _query_positions(modality, n_tokens, config.attention, q_capacity) if q_capacity else None
     inputs = _on(device, inputs)
-    with torch.inference_mode():
+    points = tuple(a.point for a in layout.captures)
+    with torch.inference_mode(), capture_modules(adapter, tuple(dict.fromkeys(points))) as captured:
         if qpos is not None:
             with capture_attention(adapter, qpos) as capture:
                 outputs = adapter.forward(inputs)
         else:
             capture, outputs = None, adapter.forward(inputs)
+        modules = {k: v.cpu() for k, v in stacked(captured, len(batch), adapter.family).items()}
         states = torch.stack(adapter.hidden_states(outputs), dim=0).to(torch.float16)  # (L + 1, B, N, D), on device
         kept = torch.tensor(layout.hidden_layers, device=states.device)
         hidden = states.index_select(0, kept).cpu() if layout.keep_hidden else None
@@ -347,6 +363,12 @@ def _run_batch(
         }
         if hidden is not None:
             arrays["hidden"] = hidden[:, b, :n].numpy()
+        for array in layout.captures:
+            value = modules[array.name][b]
+            if "token" in array.dims:  # cut to the sample's own tokens (padding is added back as 0)
+                axis = array.dims.index("token")
+                value = value.narrow(axis, 0, n)
+            arrays[array.name] = value.numpy()
         with torch.inference_mode():
             if "cosine" in layout.stats:
                 arrays["cosine"] = _cosine_stats(states[:, b, :n], sample_modality, roles)
@@ -412,8 +434,8 @@ def extract(config: ExtractConfig, *, loaded: LoadedModel | None = None) -> Extr
         )
     vocab = loaded.adapter.vocabulary()
     plan = make_plan(data, config, loaded.adapter, vocab)
-    final_norm = _check_final_norm(loaded, config, plan)
-    spec = _store_spec(config, loaded, data, plan, vocab, final_norm)
+    final_norm, captures = _probe(loaded, config, plan, max(s.n_tokens for s in plan))
+    spec = _store_spec(config, loaded, data, plan, vocab, final_norm, captures)
     context = RunContext(spec.layout, final_norm.applied, config.lens_all_tokens)
     if "lens" in spec.layout.stats:
         from vislens.kernels import prepare_unembedding

@@ -99,17 +99,26 @@ def _group(spec: StoreSpec, group: str, layer_attrs: dict[str, Any]) -> tuple[xr
             chunk = tuple(min(c, n) for c, n in zip(chunk, shape))
             array = da.full(shape, var.fill_value, dtype=var.dtype, chunks=shard)
             typesize = np.dtype(var.dtype).itemsize
-            codecs = hidden_codecs(spec.clevel, typesize) if var.name in schema.SAMPLE_FILES else small_codecs()
+            big = var.name in schema.SAMPLE_FILES or group == "captures"
+            codecs = hidden_codecs(spec.clevel, typesize) if big else small_codecs()
             encoding[var.name] = {"chunks": chunk, "shards": shard, "compressors": codecs, "fill_value": var.fill_value}
         else:
             array = spec.plan[var.name]
             block = min(layout.block, layout.n_samples)
             encoding[var.name] = {"chunks": (block,), "shards": (block,), "compressors": small_codecs()}
         data[var.name] = xr.Variable(var.dims, array, attrs=var.attrs)
-    coords: dict[str, Any] = {
-        "sample": ("sample", np.arange(layout.n_samples, dtype=np.int64)),
-        "layer": xr.Variable("layer", np.asarray(layout.layer_labels(group), dtype=np.int32), attrs=layer_attrs),
-    }
+    used = {d for v in data.values() for d in v.dims}
+    coords: dict[str, Any] = {"sample": ("sample", np.arange(layout.n_samples, dtype=np.int64))}
+    if "layer" in used or group == "activations":
+        coords["layer"] = xr.Variable(
+            "layer", np.asarray(layout.layer_labels(group), dtype=np.int32), attrs=layer_attrs
+        )
+    if "vision_layer" in used:
+        coords["vision_layer"] = xr.Variable(
+            "vision_layer",
+            np.arange(1, sizes["vision_layer"] + 1, dtype=np.int32),
+            attrs={"long_name": "vision-tower encoder layer (1 .. L_v)"},
+        )
     if group == schema.STAT_GROUPS["cosine"]:
         coords["text_tokens"] = ("text_tokens", _strings(list(schema.TEXT_TOKENS)))
         coords["stat"] = ("stat", _strings(list(schema.COSINE_STATS)))
@@ -207,6 +216,8 @@ def create_store(location: StoreLocation, spec: StoreSpec) -> None:
     ]
     if spec.layout.attention:
         parts.append(("attention", _group(spec, "attention", ATTENTION_LAYER_ATTRS)))
+    if spec.layout.captures:
+        parts.append(("captures", _group(spec, "captures", ATTENTION_LAYER_ATTRS)))
     parts += _stat_groups(spec)
     if spec.lens is not None:
         parts.append(("lens", _lens(spec.lens)))

@@ -113,6 +113,8 @@ class Layout:
     keep_attention: bool = True
     stats: tuple[str, ...] = ()
     lens_k: int = 0
+    captures: tuple[Any, ...] = ()
+    """Arrays of the ``captures`` group (`vislens.extract.modules.CaptureArray`-like: name, dims, sizes, attrs)."""
 
     @property
     def attention(self) -> bool:
@@ -137,8 +139,10 @@ class Layout:
             "results/cosine": self.n_layers,
             "results/logit_lens_topk": self.n_layers,
             "results/norm_attention": self.n_layers - 1,
+            "captures": self.n_layers - 1,
         }
-        return {
+        extra = {d: n for array in self.captures for d, n in zip(array.dims, array.sizes)}
+        return extra | {
             "sample": self.n_samples,
             "layer": layers.get(group, self.n_layers),
             "token": self.n_tokens,
@@ -161,7 +165,7 @@ class Layout:
             return self.hidden_layers
         if group == "attention":
             return self.attention_layers
-        if group == "results/norm_attention":
+        if group in ("results/norm_attention", "captures"):
             return tuple(range(1, self.n_layers))
         return tuple(range(self.n_layers))
 
@@ -265,7 +269,11 @@ def _variables(layout: Layout) -> list[Variable]:
     if not layout.keep_hidden:
         acts = [v for v in acts if v.name != "hidden"]
     done = Variable("activations", "done", ("sample",), "uint8", PENDING, DONE_ATTRS)
-    return acts + plan + attn + _stat_variables(layout) + [done]
+    captures = [
+        Variable("captures", a.name, ("sample", *a.dims), "float16", np.float16("nan"), dict(a.attrs))
+        for a in layout.captures
+    ]
+    return acts + plan + attn + captures + _stat_variables(layout) + [done]
 
 
 def _stat_variables(layout: Layout) -> list[Variable]:
@@ -345,9 +353,11 @@ def chunking(var: Variable, layout: Layout) -> tuple[tuple[int, ...], tuple[int,
     """
     sizes = layout.sizes(var.group)
     shape = tuple(sizes[d] for d in var.dims)
-    if var.name in SAMPLE_FILES:
+    if var.name in SAMPLE_FILES or (var.group == "captures" and len(shape) >= 4):
         chunk = (1, 1) + shape[2:]
         return chunk, (1,) + shape[1:]
+    if var.group == "captures":
+        return (1,) + shape[1:], (1,) + shape[1:]
     chunk = (1,) + shape[1:]
     return chunk, (min(layout.block, shape[0]),) + shape[1:]
 

@@ -58,7 +58,7 @@ class StoreWriter:
             location.zarr_store(read_only=False), mode="r+", zarr_format=3, use_consolidated=False
         )
         self.arrays: dict[str, Any] = {}
-        groups = [g for g in ("activations", "attention") if g in self.root]
+        groups = [g for g in ("activations", "attention", "captures") if g in self.root]
         groups += [g for g in schema.STAT_GROUPS.values() if g in self.root]
         for group in groups:
             for name, array in self.root[group].arrays():
@@ -69,9 +69,10 @@ class StoreWriter:
         self.done = self.arrays["done"]
         self.block = int(self.root.attrs.get("vislens_block", 64))
         self.keep_bits = self.root.attrs.get("keep_bits")
-        self.whole_shards = {
-            name for name in SAMPLE_FILES & self.arrays.keys() if is_sample_shard_layout(self.arrays[name])
-        }
+        captured = set(dict(self.root["captures"].arrays())) if "captures" in self.root else set()
+        self.big = frozenset((SAMPLE_FILES | captured) & self.arrays.keys())
+        """Arrays with one file per sample (written concurrently by `PipelinedWriter`)."""
+        self.whole_shards = {name for name in self.big if is_sample_shard_layout(self.arrays[name])}
 
     @property
     def n_samples(self) -> int:
@@ -146,8 +147,10 @@ class PipelinedWriter:
 
     def write_sample(self, index: int, arrays: dict[str, np.ndarray]) -> None:
         """Queue a sample (blocks while ``depth`` samples are already waiting)."""
-        big = self.big.submit(self.writer.write_arrays, index, {k: v for k, v in arrays.items() if k in SAMPLE_FILES})
-        small = {k: v for k, v in arrays.items() if k not in SAMPLE_FILES}
+        big = self.big.submit(
+            self.writer.write_arrays, index, {k: v for k, v in arrays.items() if k in self.writer.big}
+        )
+        small = {k: v for k, v in arrays.items() if k not in self.writer.big}
 
         def finish() -> None:
             big.result()
@@ -183,7 +186,7 @@ def _pad(value: np.ndarray, shape: tuple[int, ...], fill: Any, name: str) -> np.
         return value
     if value.ndim != len(shape) or any(v > s for v, s in zip(value.shape, shape)):
         raise StoreFormatError(f"{name}: sample of shape {value.shape} does not fit the store's {shape}")
-    pad_value = 0 if name == "hidden" else fill
+    pad_value = 0 if value.dtype == np.float16 else fill  # states (hidden, captures) are padded with 0
     out = np.full(shape, pad_value, dtype=value.dtype)
     out[tuple(slice(0, n) for n in value.shape)] = value
     return out

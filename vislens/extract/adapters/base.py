@@ -136,6 +136,27 @@ class Adapter:
         """The unembedding matrix W_U, (vocab, hidden)."""
         return self.model.get_output_embeddings().weight
 
+    # ---- capture points (``vislens extract --capture``) --------------------------------------
+    @property
+    def vision_layers(self) -> torch.nn.ModuleList | None:
+        """The vision tower's encoder layers, when the tower sees one image per sample (else None)."""
+        tower = getattr(self.model.model, "vision_tower", None)
+        tower = getattr(tower, "vision_model", tower)  # transformers 5 flattens CLIPVisionModel
+        return getattr(getattr(tower, "encoder", None), "layers", None)
+
+    @property
+    def projector(self) -> torch.nn.Module | None:
+        """The module that maps image features into the decoder's space (one row per image token)."""
+        return getattr(self.model.model, "multi_modal_projector", None)
+
+    def decoder_attention(self, layer: int) -> torch.nn.Module:
+        """Decoder layer ``layer``'s (0-based) self-attention block; its output is what it adds to the residual stream."""
+        return self.layers[layer].self_attn
+
+    def decoder_mlp(self, layer: int) -> torch.nn.Module:
+        """Decoder layer ``layer``'s (0-based) MLP block."""
+        return self.layers[layer].mlp
+
     def o_proj(self, layer: int) -> torch.nn.Linear:
         """The attention output projection of decoder layer ``layer``."""
         return self.layers[layer].self_attn.o_proj
