@@ -20,6 +20,7 @@ from vislens.extract.capture import capture_attention
 from vislens.extract.config import COMPUTE, ExtractConfig, fingerprint, parse_layers
 from vislens.extract.datasets import DataSet, load_data
 from vislens.extract.final_norm import FinalNormCheck, check_final_norm
+from vislens.extract.host import HostBatch
 from vislens.extract.images import load_image
 from vislens.extract.modules import CaptureArray, capture_modules, describe, stacked
 from vislens.extract.plan import Sample, make_plan, query_capacity
@@ -337,15 +338,18 @@ def _run_batch(
                 outputs = adapter.forward(inputs)
         else:
             capture, outputs = None, adapter.forward(inputs)
-        modules = {k: v.cpu() for k, v in stacked(captured, len(batch), adapter.family).items()}
+        modules = {k: HostBatch(v) for k, v in stacked(captured, len(batch), adapter.family).items()}
         states = torch.stack(adapter.hidden_states(outputs), dim=0).to(torch.float16)  # (L + 1, B, N, D), on device
         kept = torch.tensor(layout.hidden_layers, device=states.device)
-        hidden = states.index_select(0, kept).cpu() if layout.keep_hidden else None
+        hidden = HostBatch(states.index_select(0, kept)) if layout.keep_hidden else None
         if capture is not None:
             layers = sorted(capture.weights)
             weights = torch.stack([capture.weights[i] for i in layers], dim=1)  # (B, L, H, Q, N)
             gram = torch.stack([capture.gram[i] for i in layers], dim=1).float()  # (B, L, N, H, H)
             attention_kept = torch.tensor([layer - 1 for layer in layout.attention_layers], device=weights.device)
+            if layout.attention:  # on their way to host memory while the statistics run
+                kept_weights = HostBatch(weights.index_select(1, attention_kept))
+                kept_gram = HostBatch(gram.index_select(1, attention_kept))
     ids = inputs["input_ids"].cpu()
     results = []
     for b, sample in enumerate(batch):
@@ -362,13 +366,10 @@ def _run_batch(
             "image_grid": np.asarray(adapter.image_grid(inputs, b), dtype=np.int32),
         }
         if hidden is not None:
-            arrays["hidden"] = hidden[:, b, :n].numpy()
-        for array in layout.captures:
-            value = modules[array.name][b]
-            if "token" in array.dims:  # cut to the sample's own tokens (padding is added back as 0)
-                axis = array.dims.index("token")
-                value = value.narrow(axis, 0, n)
-            arrays[array.name] = value.numpy()
+            arrays["hidden"] = hidden.slice(slice(None), b, slice(0, n))  # read by the writer thread
+        for array in layout.captures:  # cut to the sample's own tokens (padding is added back as 0)
+            index = [slice(0, n) if d == "token" else slice(None) for d in array.dims]
+            arrays[array.name] = modules[array.name].slice(b, *index)
         with torch.inference_mode():
             if "cosine" in layout.stats:
                 arrays["cosine"] = _cosine_stats(states[:, b, :n], sample_modality, roles)
@@ -383,8 +384,8 @@ def _run_batch(
                         _attention_stats(weights[b, :, :, :q, :n], gram[b, :, :n], qpos[b, :q], sample_modality)
                     )
                 if layout.attention:
-                    arrays["attn"] = weights[b].index_select(0, attention_kept)[:, :, :q, :n].cpu().numpy()
-                    arrays["value_gram"] = gram[b].index_select(0, attention_kept)[:, :n].cpu().numpy()
+                    arrays["attn"] = kept_weights.slice(b, slice(None), slice(None), slice(0, q), slice(0, n))
+                    arrays["value_gram"] = kept_gram.slice(b, slice(None), slice(0, n))
                     arrays["query_pos"] = qpos[b, :q].numpy().astype(np.int32)
         results.append(arrays)
     return results

@@ -105,6 +105,7 @@ class StoreWriter:
         with _disk_full_guard(self.location, index):
             for name, value in arrays.items():
                 target = self.arrays[name]
+                value = np.asarray(value)  # a device copy in flight is waited for here, on the writer's thread
                 if name == "hidden" and self.keep_bits is not None:
                     value = keep_mantissa_bits(value, int(self.keep_bits))
                 value = _pad(np.asarray(value), target.shape[1:], target.fill_value, name)
@@ -139,7 +140,10 @@ class PipelinedWriter:
     only after that sample's big arrays are on disk. At most ``depth`` samples wait in memory.
     """
 
-    def __init__(self, writer: StoreWriter, *, workers: int = 2, depth: int = 3) -> None:
+    def __init__(self, writer: StoreWriter, *, workers: int | None = None, depth: int = 3) -> None:
+        if workers is None:  # one per usable core (at least 2, at most 8): the model's next batch never waits
+            usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+            workers = max(2, min(8, usable))
         self.writer, self.depth = writer, depth
         self.big = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vislens-write")
         self.ordered = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vislens-done")
