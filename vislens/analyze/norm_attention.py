@@ -62,7 +62,9 @@ def _block(
         image = modality[i][:n] == IMAGE
         text_rows = modality[i][positions] == TEXT
         totals = summed.sum(-1)
-        shares = np.divide(summed[..., image].sum(-1), totals, out=np.zeros_like(totals), where=totals > 0)
+        # NaN where the layer has no self-attention (Mllama's cross-attention layers are stored as NaN)
+        undefined = np.where(np.isnan(totals), np.nan, 0.0)
+        shares = np.divide(summed[..., image].sum(-1), totals, out=undefined, where=totals > 0)
         if text_rows.any():
             share[i] = shares[:, text_rows].mean(-1)
         seen = text_rows & (positions > (np.argmax(image) if image.any() else n))

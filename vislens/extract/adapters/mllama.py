@@ -29,6 +29,8 @@ import torch
 from vislens.errors import ModelError
 from vislens.extract.adapters.base import Adapter
 
+GENERIC_PLACEHOLDER = "<image>"
+
 
 class MllamaAdapter(Adapter):
     """``meta-llama/Llama-3.2-11B-Vision-Instruct``, ``meta-llama/Llama-3.2-90B-Vision-Instruct`` (and the base models)."""
@@ -64,6 +66,22 @@ class MllamaAdapter(Adapter):
         if layer in self.cross_attention_layers:
             raise ModelError(f"decoder layer {layer} of Mllama is a cross-attention layer; it has no self-attention")
         return super().o_proj(layer)
+
+    def format_prompt(self, text: str) -> str:
+        """Put an instruction into the chat template ('' = the image alone).
+
+        A text holding ``<|image|>`` is taken as formatted, and so is one holding the generic
+        ``<image>`` (the study's LLaVA-style prompts), which then stands for ``<|image|>``; BOS is
+        put where `MllamaProcessor` puts it (before the text, after leading image tokens), so
+        the tokenizer adds none.
+        """
+        from transformers.models.mllama.processing_mllama import build_string_from_input
+
+        if GENERIC_PLACEHOLDER in text and self.image_placeholder not in text:
+            text = text.replace(GENERIC_PLACEHOLDER, self.image_placeholder)
+        if self.image_placeholder in text:
+            return build_string_from_input(text, self.tokenizer.bos_token, self.image_placeholder)
+        return super().format_prompt(text)
 
     def expected_image_tokens(self, inputs: dict[str, torch.Tensor]) -> list[int]:
         """One ``<|image|>`` token per sample (one image each)."""
