@@ -33,8 +33,7 @@ from vislens.analyze.norm_attention import norm_attention_per_sample
 from vislens.analyze.report import write_report
 from vislens.errors import ModelError
 from vislens.extract import ExtractConfig, extract
-from vislens.extract.adapters import adapter_class, load_adapter
-from vislens.extract.adapters import llava_onevision, smolvlm
+from vislens.extract.adapters import adapter_class, llava_onevision, load_adapter, smolvlm
 from vislens.extract.datasets import make_synthetic
 from vislens.extract.prompts import Prompt
 from vislens.store import DONE, IMAGE, PADDING, TEXT, open_store
@@ -226,7 +225,9 @@ BREAK = {  # a processor whose placeholder count disagrees with the model's imag
 def test_a_wrong_placeholder_count_is_an_error(models, sized_manifest, family, tmp_path):
     loaded = load_adapter(str(models[family]))
     BREAK[family](loaded.adapter.processor)
-    config = ExtractConfig(model=str(models[family]), data=str(sized_manifest), out=str(tmp_path / "s.zarr"), progress=False)
+    config = ExtractConfig(
+        model=str(models[family]), data=str(sized_manifest), out=str(tmp_path / "s.zarr"), progress=False
+    )
     with pytest.raises(ModelError, match=r"image placeholders \[\d+\] do not match the image features"):
         extract(config, loaded=loaded)
     assert not (tmp_path / "s.zarr").exists()
@@ -310,7 +311,11 @@ def norm_attention_brute_force(model, inputs) -> np.ndarray:
             alpha = out.attentions[k][0]  # (H, N, N)
             w_o = layer.self_attn.o_proj.weight  # (D, H d)
             f = torch.stack(
-                [values[k][:, (h // (heads // kv)) * d : (h // (heads // kv) + 1) * d] @ w_o[:, h * d : (h + 1) * d].T for h in range(heads)]
+                [
+                    values[k][:, (h // (heads // kv)) * d : (h // (heads // kv) + 1) * d]
+                    @ w_o[:, h * d : (h + 1) * d].T
+                    for h in range(heads)
+                ]
             )  # (H, N, D)
             moved = (alpha[:, :, :, None] * f[:, None, :, :]).sum(0)  # (Nq, Nj, D)
             torch.testing.assert_close(moved.sum(1), outputs[k], rtol=1e-4, atol=1e-5)  # the model's own output
@@ -332,7 +337,10 @@ def test_norm_attention_equals_the_models_own_attention_outputs(stores, refs, ow
         text_q = np.flatnonzero(~image)
         shares = na[:, text_q][:, :, image].sum(-1) / na[:, text_q].sum(-1)
         np.testing.assert_allclose(per["image_share"][s].values, shares.mean(-1), rtol=5e-3)
-        assert np.isnan(per["image_share"][s].values[cross]).all() and np.isfinite(per["image_share"][s].values[~cross]).all()
+        assert (
+            np.isnan(per["image_share"][s].values[cross]).all()
+            and np.isfinite(per["image_share"][s].values[~cross]).all()
+        )
         after = np.isin(text_q, text_q[text_q > np.argmax(image)])
         np.testing.assert_allclose(per["image_share_after_image"][s].values, shares[:, after].mean(-1), rtol=5e-3)
 
@@ -391,7 +399,9 @@ def test_ablation_shared_prefix_equals_naive_and_the_models_own_forward(models, 
                 np.testing.assert_allclose(shared, naive, **LOSS_TOL)
                 assert np.ptp(shared.mean(1)) > 1e-3  # the settings really change the loss
             reference = own_losses(family, model, processor, plan, *zip(*truncate))
-            np.testing.assert_allclose(_run(shared_prefix_losses, adapter, pair, truncate, "remove"), reference, **LOSS_TOL)
+            np.testing.assert_allclose(
+                _run(shared_prefix_losses, adapter, pair, truncate, "remove"), reference, **LOSS_TOL
+            )
             if family == "gemma3":  # the window binds: ablated inputs are longer than Gemma's sliding window
                 assert pair.n_tokens > model.config.text_config.sliding_window
     assert (len(seen) == 2) == (family in VARIABLE)
@@ -401,7 +411,9 @@ def test_mllama_ablation_is_refused_with_the_reason(models, sized_manifest, tmp_
     adapter = load_adapter(str(models["mllama"])).adapter
     with pytest.raises(ModelError, match="cross-attention"):
         pairs_of(adapter, sized_manifest, [SHORT])
-    config = AblateConfig(model=str(models["mllama"]), data=str(sized_manifest), out=str(tmp_path / "a.zarr"), progress=False)
+    config = AblateConfig(
+        model=str(models["mllama"]), data=str(sized_manifest), out=str(tmp_path / "a.zarr"), progress=False
+    )
     with pytest.raises(ModelError, match="does not apply to Mllama"):
         ablate(config)
 
@@ -430,4 +442,6 @@ def test_ablation_run_and_the_report_cover_everything(stores, models, sized_mani
     top = pd.read_csv(tmp_path / "report" / "norm_attention" / "top_image_tokens.csv")
     assert len(top) and ((top["row"] >= 0) == (family == "gemma3")).all()
     means = norm_attention(open_store(str(path)))
-    assert np.isnan(means["image_share"].sel(layer=2)).all() == (family == "mllama")  # Mllama's layer 2 is cross-attention
+    assert np.isnan(means["image_share"].sel(layer=2)).all() == (
+        family == "mllama"
+    )  # Mllama's layer 2 is cross-attention

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from vislens.toys.families import HIDDEN, _save, _text_config, byte_level_tokenizer
+from vislens.toys.families import _save, _text_config, byte_level_tokenizer
 
 FAMILIES = ("gemma3", "llava_onevision", "mllama", "smolvlm")
 
@@ -167,7 +167,12 @@ def _llava_onevision(path: Path, layers: int, seed: int) -> None:
     tile, patch = 12, 6
     pinpoints = [[12, 24], [24, 12], [24, 24], [12, 36], [36, 12], [24, 36], [36, 24], [36, 36]]
     vision = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=tile, patch_size=patch
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=tile,
+        patch_size=patch,
     )
     config = LlavaOnevisionConfig(
         vision_config=vision,
@@ -179,7 +184,9 @@ def _llava_onevision(path: Path, layers: int, seed: int) -> None:
         vision_feature_select_strategy="full",
         vision_aspect_ratio="anyres_max_4",
     )
-    image_processor = LlavaOnevisionImageProcessorPil(size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints)
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints
+    )
     processor = image_text_processor()(
         image_processor,
         tokenizer,
@@ -267,9 +274,7 @@ def _smolvlm(path: Path, layers: int, seed: int) -> None:
     image_processor = SmolVLMImageProcessorPil(
         do_image_splitting=True, size={"longest_edge": 48}, max_image_size={"longest_edge": 16}
     )
-    processor = image_text_processor()(
-        image_processor, tokenizer, image_seq_len=4, chat_template=SMOLVLM_CHAT_TEMPLATE
-    )
+    processor = image_text_processor()(image_processor, tokenizer, image_seq_len=4, chat_template=SMOLVLM_CHAT_TEMPLATE)
     _save(SmolVLMForConditionalGeneration(config), path, seed)
     processor.save_pretrained(path)
     _name_processor(path, "SmolVLMProcessor")
