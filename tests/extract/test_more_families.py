@@ -188,6 +188,21 @@ def test_gemma3_reads_its_norm_embedding_scale_and_bidirectional_image_block(mod
     assert not torch.allclose(before, after)
 
 
+def test_mllama_image_reaches_the_text_through_cross_attention_only(refs, own):
+    """Another image changes no hidden state before the cross-attention layer (index 1) and the states
+    of the tokens from ``<|image|>`` on after it: the toy's gates are open, the image is not in the sequence."""
+    model, processor = refs["mllama"]
+    inputs, hidden = own["mllama"][0]
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)  # sample 0's image is 64 x 64
+    other = processor(images=[[Image.fromarray(noise)]], text=["<|image|>"], return_tensors="pt")
+    assert torch.equal(other["aspect_ratio_ids"], inputs["aspect_ratio_ids"])
+    with torch.no_grad():
+        changed = hidden_of(model(**dict(inputs, pixel_values=other["pixel_values"]), output_hidden_states=True))
+    image = int(np.flatnonzero(image_of(model, inputs))[0])
+    np.testing.assert_array_equal(changed[:2], hidden[:2])  # embeddings and the self-attention layer 0
+    assert (np.abs(changed[2, image:] - hidden[2, image:]).max(-1) > 1e-3).all()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prompts_counts_and_special_tokens(models, family):
     adapter = load_adapter(str(models[family])).adapter
