@@ -11,7 +11,7 @@ processor, ``save_pretrained``), each with something the older toys lack:
   and the chat template writes it too (so encoding must not add a second one).
 - ``llava_onevision``: SigLIP tiles of 12 pixels (2 x 2 features) + Qwen2 decoder, pinpoints up
   to 36 pixels and ``anyres_max_4``: large images' tile features are shrunk by interpolation
-  (64x64 -> 24, 96x48 -> 16, 40x80 -> 16, 48x64 -> 19 image tokens).
+  (64x64 -> 24, 96x48 -> 19, 40x80 -> 20, 48x64 -> 20 image tokens).
 - ``mllama``: a 3-layer decoder whose layer 2 (index 1) is a gated cross-attention layer, a
   2-tile vision encoder with a global stage (14-pixel tiles of 7-pixel patches); ``<|image|>`` is
   the last token of the tokenizer, beyond ``lm_head``'s vocabulary as in Llama 3.2 Vision.
