@@ -69,6 +69,7 @@ def attention_shares(
     totals = summed.sum(-1)
     on_image = summed[..., image].sum(-1)
     shares = torch.where(totals > 0, on_image / torch.where(totals > 0, totals, 1.0), 0.0)  # (layer, query)
+    shares = torch.where(totals.isnan(), torch.nan, shares)  # a layer without self-attention (Mllama's cross-attention)
     nan = torch.full((n_layers,), torch.nan)
     share = shares[:, text_rows].mean(-1) if bool(text_rows.any()) else nan
     first_image = int(torch.nonzero(image)[0]) if bool(image.any()) else n
