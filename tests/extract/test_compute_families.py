@@ -14,6 +14,7 @@ from vislens.extract.datasets import make_synthetic
 from vislens.store import open_store
 from vislens.toys import ToyInstructBlipSpec, build_toy_instructblip
 from vislens.toys.families import FAMILIES, build_toy_family
+from vislens.toys.more_families import FAMILIES as MORE_FAMILIES
 
 FP16 = dict(rtol=0, atol=2e-3)
 
@@ -29,7 +30,7 @@ def _model(family: str, root):
     return build_toy_family(family, root / family, layers=2, seed=3)
 
 
-@pytest.mark.parametrize("family", ["instructblip", *FAMILIES])
+@pytest.mark.parametrize("family", ["instructblip", *FAMILIES, *MORE_FAMILIES])
 def test_statistics_during_extraction_equal_the_analyses(family, data, tmp_path):
     model = _model(family, tmp_path)
     out = tmp_path / "s.zarr"
