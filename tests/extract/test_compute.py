@@ -118,3 +118,27 @@ def test_bad_options_are_refused(toy_models, manifest, tmp_path):
         ExtractConfig(model="m", data="d", out="o", layers="0:x")
     with pytest.raises(ConfigError, match="hidden states 0 .. 3"):
         _extract(toy_models["gqa"], manifest, tmp_path / "s.zarr", layers="0,9")
+
+
+def test_lens_topk_at_extraction_gives_the_same_table_through_the_cli(toy_models, manifest, tmp_path):
+    """`vislens extract --lens-topk K` then `vislens analyze logit-lens` equals extracting without it
+    and running the CPU lens (issue 14's done-when), through the real command line."""
+    import pandas as pd
+
+    from vislens.cli import main
+
+    common = ["--model", str(toy_models["mha"]), "--data", str(manifest), "--limit", "3", "--no-progress"]
+    common += ["--prompts", "normal,noisy", "--attention", "none"]
+    assert main(["extract", *common, "--out", str(tmp_path / "a.zarr"), "--lens-topk", "3"]) == 0
+    assert main(["extract", *common, "--out", str(tmp_path / "b.zarr")]) == 0
+    assert "lens" in open_store(str(tmp_path / "a.zarr")).attrs["computed"]
+    tables = []
+    for name in ("a", "b"):
+        assert (
+            main(
+                ["analyze", "logit-lens", str(tmp_path / f"{name}.zarr"), "--top-k", "3", "--out", str(tmp_path / name)]
+            )
+            == 0
+        )
+        tables.append(pd.read_csv(tmp_path / name / "logit_lens.csv").drop(columns=["store", "series"]))
+    pd.testing.assert_frame_equal(tables[0], tables[1])

@@ -107,8 +107,10 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--lens-topk",
         type=int,
-        default=5,
-        help="top-k of --compute lens (the study uses top-1; 5 allows re-scoring up to top-5, ~0.6 MB per 7B sample)",
+        metavar="K",
+        help="compute the logit lens's top-K ids and logits during extraction, on the model's device (implies "
+        "--compute lens; default K with --compute lens: 5, enough to re-score up to top-5 at ~0.6 MB per 7B sample; "
+        "the study uses top-1)",
     )
     p.add_argument(
         "--lens-all-tokens", action="store_true", help="--compute lens decodes every token, not only the image tokens"
@@ -146,6 +148,7 @@ def _capture(text: str) -> tuple[str, ...]:
 
 def _cmd_extract(args: argparse.Namespace) -> int:
     from vislens.extract import ExtractConfig, extract
+    from vislens.extract.config import LENS_TOPK
 
     config = ExtractConfig(
         model=args.model,
@@ -168,9 +171,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         attention=args.attention,
         keep=args.keep,
         capture=args.capture,
-        compute=args.compute,
+        compute=args.compute + (("lens",) if args.lens_topk and "lens" not in args.compute else ()),
         layers=args.layers,
-        lens_topk=args.lens_topk,
+        lens_topk=args.lens_topk or LENS_TOPK,
         lens_all_tokens=args.lens_all_tokens,
         keep_bits=args.keep_bits,
         shard=args.shard,
