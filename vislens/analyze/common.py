@@ -74,6 +74,24 @@ def take_samples(ds: xr.Dataset, positions: np.ndarray) -> xr.Dataset:
     return ds.isel(sample=positions)
 
 
+def require_hidden(tree: xr.DataTree, acts: xr.Dataset, analysis: str, alternative: str) -> None:
+    """Refuse, with the reason and the fix, an analysis that needs hidden states a store does not hold.
+
+    Raises
+    ------
+    StoreFormatError
+    """
+    if "hidden" in acts.data_vars:
+        return
+    keep = tree.attrs.get("keep", [])
+    computed = tree.attrs.get("computed", [])
+    held = f"; its results hold {', '.join(computed)} computed during extraction" if computed else ""
+    raise StoreFormatError(
+        f"this store holds no hidden states (it was extracted with --keep {','.join(keep) or 'none'}){held}: "
+        f"{analysis} needs them or {alternative}; re-extract with --keep hidden or with that option"
+    )
+
+
 def completeness(tree: xr.DataTree) -> tuple[int, int]:
     """(samples done, samples in the store) of the activations group; ablation-only stores count
     their (image, prompt) pairs."""

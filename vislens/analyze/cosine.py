@@ -29,25 +29,17 @@ from vislens.analyze.common import (
     long_table,
     map_samples,
     mean_by,
+    require_hidden,
     sample_coords,
 )
 from vislens.errors import StoreFormatError
+from vislens.kernels.sample_stats import COSINE_STATS
 from vislens.store import IMAGE, TEXT
+from vislens.store.results import load_result
 from vislens.store.schema import ROLE_INSTRUCTION, ROLE_TEMPLATE
 
-STATS = ("inter_modal", "intra_image", "intra_text")
+STATS = COSINE_STATS
 TEXT_TOKENS = ("instruction", "all", "template")
-
-
-def _intra(h: torch.Tensor, mask: torch.Tensor, backend: str) -> torch.Tensor:
-    """Mean cosine over ordered pairs i != j of the masked rows, from the all-pairs mean (NaN below two rows)."""
-    from vislens.kernels import mean_cosine
-
-    all_pairs = mean_cosine(h, h, a_mask=mask, b_mask=mask, backend=backend)
-    m = mask.sum(-1).to(torch.float32)
-    nonzero = ((h.float().norm(dim=-1) > 0) & mask).sum(-1).to(torch.float32)
-    mean = (m * m * all_pairs - nonzero) / (m * (m - 1))
-    return torch.where(m > 1, mean, torch.nan)  # one row has no pairs
 
 
 def text_mask(roles_or_modality: np.ndarray, text_tokens: str) -> np.ndarray:
@@ -63,16 +55,12 @@ def _block_stats(
     hidden: np.ndarray, tokens: np.ndarray, modality: np.ndarray, text_tokens: str, backend: str
 ) -> np.ndarray:
     """(k, layer, token, d_model), (k, token) text selector and modality -> (k, layer, 3) float32."""
-    from vislens.kernels import mean_cosine
+    from vislens.kernels.sample_stats import cosine_stats
 
     h = torch.from_numpy(np.ascontiguousarray(hidden))
-    shape = h.shape[:-1]
-    image = torch.from_numpy(np.ascontiguousarray(modality == IMAGE))[:, None, :].expand(shape)
-    text = torch.from_numpy(np.ascontiguousarray(text_mask(tokens, text_tokens)))[:, None, :].expand(shape)
-    inter = mean_cosine(h, h, a_mask=image, b_mask=text, backend=backend)
-    inter = torch.where(text.sum(-1) > 0, inter, torch.nan)
-    out = torch.stack([inter, _intra(h, image, backend), _intra(h, text, backend)], dim=-1)
-    return out.numpy().astype(np.float32)
+    image = torch.from_numpy(np.ascontiguousarray(modality == IMAGE))[:, None, :]
+    text = torch.from_numpy(np.ascontiguousarray(text_mask(tokens, text_tokens)))[:, None, :]
+    return cosine_stats(h, image, text, backend).numpy().astype(np.float32)
 
 
 def _text_selector(acts: xr.Dataset, text_tokens: str) -> xr.DataArray:
@@ -89,16 +77,51 @@ def _text_selector(acts: xr.Dataset, text_tokens: str) -> xr.DataArray:
     return acts["token_role"]
 
 
+def _from_results(tree: xr.DataTree, acts: xr.Dataset, text_tokens: str) -> xr.Dataset | None:
+    """The statistics computed during extraction (``--compute cosine``), if the store has them."""
+    if not isinstance(tree, xr.DataTree):
+        return None
+    stats = load_result(tree, "cosine")
+    if stats is None or not stats.attrs.get("written_at_extraction"):
+        return None
+    sets = [str(v) for v in stats["text_tokens"].values]
+    names = [str(v) for v in stats["stat"].values]
+    if text_tokens not in sets:
+        return None
+    chosen = stats.sel(sample=acts["sample"].values).isel(text_tokens=sets.index(text_tokens), drop=True)
+    return xr.Dataset({name: chosen.isel(stat=names.index(name), drop=True) for name in STATS})
+
+
 def cosine_per_sample(
-    store: StoreLike, *, text_tokens: str = "instruction", backend: str = "auto", samples_per_task: int = 1
+    store: StoreLike,
+    *,
+    text_tokens: str = "instruction",
+    backend: str = "auto",
+    samples_per_task: int = 1,
+    source: str = "auto",
 ) -> xr.Dataset:
     """Per finished sample and layer: ``inter_modal``, ``intra_image``, ``intra_text``.
 
     Lazy (Dask): one task per stored sample (or per ``samples_per_task`` samples), which reads
     that sample and computes on it; call ``.compute()``, or let `cosine` do it, under any Dask
     scheduler (threads, or a distributed cluster).
+    ``source``: ``auto`` reads the statistics computed during extraction (``--compute cosine``)
+    when the store has them, else computes them from the hidden states; ``hidden`` always
+    computes; ``results`` always reads.
     """
+    tree = store if isinstance(store, xr.DataTree) else None
     acts = finished(group(store, "activations"))
+    if source not in ("auto", "hidden", "results"):
+        raise ValueError(f"source must be auto, hidden or results, got {source!r}")
+    stored = _from_results(tree, acts, text_tokens) if source != "hidden" and tree is not None else None
+    if stored is not None:
+        out = stored
+        out.attrs["source"] = "computed during extraction (results/cosine)"
+        return _labelled(out, acts, text_tokens)
+    if source == "results":
+        raise StoreFormatError("this store has no cosine statistics computed during extraction (--compute cosine)")
+    if tree is not None:
+        require_hidden(tree, acts, "the cosine analysis", "--compute cosine (statistics computed during extraction)")
     selector = _text_selector(acts, text_tokens)
     hidden = acts["hidden"]
     if samples_per_task > 1:
@@ -114,6 +137,11 @@ def cosine_per_sample(
         name="cosine",
     )
     out = xr.Dataset({name: stats.isel(stat=i, drop=True) for i, name in enumerate(STATS)})
+    out.attrs["source"] = "computed from the stored hidden states"
+    return _labelled(out, acts, text_tokens)
+
+
+def _labelled(out: xr.Dataset, acts: xr.Dataset, text_tokens: str) -> xr.Dataset:
     out["inter_modal"].attrs = {"long_name": f"mean cosine similarity of image-token and {text_tokens}-token states"}
     out["intra_image"].attrs = {"long_name": "mean cosine similarity of pairs of distinct image-token states"}
     out["intra_text"].attrs = {"long_name": f"mean cosine similarity of pairs of distinct {text_tokens}-token states"}

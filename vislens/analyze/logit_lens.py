@@ -11,6 +11,8 @@ captions) is cheap. Each image token is decoded on its own; the words and the th
 
 from __future__ import annotations
 
+import logging
+import weakref
 from typing import Any
 
 import numpy as np
@@ -27,49 +29,43 @@ from vislens.analyze.common import (
     long_table,
     map_samples,
     mean_by,
+    require_hidden,
     sample_coords,
 )
 from vislens.analyze.lens import LensRef, lens_arrays
 from vislens.analyze.words import STOPWORDS, Vocabulary, reference_words, scores
 from vislens.errors import DataError
+from vislens.kernels import lens_topk, prepare_unembedding
+from vislens.kernels.lens_topk import LensNorm
+from vislens.kernels.lens_topk.reference import apply_norm as kernel_apply_norm
 from vislens.store import IMAGE
 from vislens.store.reader import location_of
 from vislens.store.results import load_result, save_result
 
 CACHE_NAME = "logit_lens_topk"
+log = logging.getLogger("vislens.analyze")
 
 
 def apply_norm(x: torch.Tensor, kind: str, eps: float, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The decoder's final norm on float32 rows ``x`` (rows, hidden)."""
-    if kind in ("rms", "rms_offset"):
-        scale = weight + 1.0 if kind == "rms_offset" else weight
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale
-    if kind == "layer":
-        out = torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-        return out
-    raise DataError(f"unknown norm kind {kind!r} in lens/norm_kind; expected rms, rms_offset or layer")
+    """The decoder's final norm on float32 rows ``x`` (rows, d_model)."""
+    if kind not in ("rms", "rms_offset", "layer"):
+        raise DataError(f"unknown norm kind {kind!r} in lens/norm_kind; expected rms, rms_offset or layer")
+    return kernel_apply_norm(x, LensNorm(kind, eps, weight, bias))
 
 
-def top_tokens(
-    x: torch.Tensor, unembedding: np.ndarray, k: int, *, vocab_block: int = 8192, row_block: int = 4096
-) -> torch.Tensor:
-    """Top-k vocabulary ids of ``x @ unembedding.T`` (rows, k), vocabulary in blocks (bounded memory)."""
-    rows = x.shape[0]
-    out = torch.empty((rows, k), dtype=torch.int64)
-    weight = torch.from_numpy(unembedding)
-    for r0 in range(0, rows, row_block):
-        chunk = x[r0 : r0 + row_block]
-        best_vals = torch.full((chunk.shape[0], k), -torch.inf)
-        best_ids = torch.zeros((chunk.shape[0], k), dtype=torch.int64)
-        for v0 in range(0, weight.shape[0], vocab_block):
-            logits = chunk @ weight[v0 : v0 + vocab_block].float().T
-            vals, ids = logits.topk(min(k, logits.shape[1]), dim=1)
-            vals = torch.cat([best_vals, vals], dim=1)
-            ids = torch.cat([best_ids, ids + v0], dim=1)
-            order = vals.topk(k, dim=1).indices
-            best_vals, best_ids = vals.gather(1, order), ids.gather(1, order)
-        out[r0 : r0 + row_block] = best_ids
-    return out
+_PREPARED: dict[int, tuple[Any, Any]] = {}
+
+
+def _prepared(unembedding: np.ndarray) -> Any:
+    """The unembedding prepared for `vislens.kernels.lens_topk` once per array (and process)."""
+    key = id(unembedding)
+    hit = _PREPARED.get(key)
+    if hit is not None and hit[0]() is unembedding:
+        return hit[1]
+    prepared = prepare_unembedding(unembedding)
+    _PREPARED.clear()  # one store's unembedding at a time: bounded memory
+    _PREPARED[key] = (weakref.ref(unembedding), prepared)
+    return prepared
 
 
 def _block_topk(
@@ -78,28 +74,38 @@ def _block_topk(
     *,
     lens: dict[str, Any] | LensRef,
     k: int,
-    normed_last: bool,
-    vocab_block: int,
+    normed: np.ndarray,
+    backend: str,
 ) -> np.ndarray:
-    """(s, layer, token, hidden) fp16 -> (s, layer, token, k) int32 top-k ids at image tokens, -1 elsewhere.
+    """(s, layer, token, d_model) fp16 -> (s, layer, token, k) int32 top-k ids at image tokens, -1 elsewhere.
 
-    ``lens``: the arrays of `lens_arrays`, or a `LensRef` to them (read once per process).
+    ``normed`` (layer,) bool marks the stored layers that already carry the final norm. The top-k
+    is `vislens.kernels.lens_topk` (on the CPU its exact path: the ids of fp32 logits, ties to
+    the smaller id), the same kernel extraction uses for ``--compute lens``. ``lens``: the
+    arrays of `lens_arrays`, or a `LensRef` to them (read once per process).
     """
     if isinstance(lens, LensRef):
         lens = lens.arrays()
     s, n_layers, n_tokens, _ = hidden.shape
     out = np.full((s, n_layers, n_tokens, k), -1, dtype=np.int32)
-    weight = torch.from_numpy(lens["norm_weight"])
-    bias = None if lens["norm_bias"] is None else torch.from_numpy(lens["norm_bias"])
+    unembedding = _prepared(lens["unembedding"])
+    norm = LensNorm(
+        lens["norm_kind"],
+        lens["norm_eps"],
+        torch.from_numpy(lens["norm_weight"]),
+        None if lens["norm_bias"] is None else torch.from_numpy(lens["norm_bias"]),
+    )
     for i in range(s):
         positions = np.flatnonzero(modality[i] == IMAGE)
         if positions.size == 0:
             continue
-        x = torch.from_numpy(np.ascontiguousarray(hidden[i][:, positions])).float()  # (layer, m, hidden)
-        last = n_layers - 1 if normed_last else n_layers
-        x[:last] = apply_norm(x[:last], lens["norm_kind"], lens["norm_eps"], weight, bias)
-        ids = top_tokens(x.reshape(-1, x.shape[-1]), lens["unembedding"], k, vocab_block=vocab_block)
-        out[i][:, positions] = ids.reshape(n_layers, positions.size, k).numpy()
+        x = torch.from_numpy(np.ascontiguousarray(hidden[i][:, positions]))  # (layer, m, d_model) fp16
+        ids = torch.empty((n_layers, positions.size, k), dtype=torch.int64)
+        for done, layers in ((False, ~normed), (True, normed)):
+            if layers.any():
+                chosen = torch.from_numpy(np.flatnonzero(layers))
+                ids[chosen] = lens_topk(x[chosen], unembedding, k, norm=None if done else norm, backend=backend)[1]
+        out[i][:, positions] = ids.numpy()
     return out
 
 
@@ -108,9 +114,7 @@ def _lens_arrays(tree: xr.DataTree) -> dict[str, Any]:
     return lens_arrays(group(tree, "lens"))
 
 
-def logit_lens_topk(
-    store: StoreLike, k: int = 1, *, vocab_block: int = 8192, samples_per_task: int = 1
-) -> xr.DataArray:
+def logit_lens_topk(store: StoreLike, k: int = 1, *, backend: str = "auto", samples_per_task: int = 1) -> xr.DataArray:
     """Lazy (Dask) top-k ids of every image token at every layer: (sample, layer, token, rank) int32.
 
     Only finished samples; non-image positions hold -1. One task per stored sample (or per
@@ -121,7 +125,9 @@ def logit_lens_topk(
     """
     tree = as_tree(store)
     acts = finished(group(tree, "activations"))
-    normed_last = bool(_normed_last(tree))
+    require_hidden(tree, acts, "the logit lens", "--compute lens (top-k computed during extraction)")
+    last = int(tree.attrs.get("model", {}).get("n_layers", int(acts["layer"].values.max())))
+    normed = (acts["layer"].values == last) & bool(_normed_last(tree))
     hidden = acts["hidden"]
     if samples_per_task > 1:
         hidden = hidden.chunk({"sample": samples_per_task})
@@ -133,7 +139,7 @@ def logit_lens_topk(
         ["layer", "token", "rank"],
         dtype=np.int32,
         output_sizes={"rank": k},
-        kwargs={"lens": lens, "k": k, "normed_last": normed_last, "vocab_block": vocab_block},
+        kwargs={"lens": lens, "k": k, "normed": normed, "backend": backend},
         name="logit_lens_topk",
     ).rename("top_ids")
 
@@ -145,19 +151,32 @@ def _normed_last(tree: xr.DataTree) -> int:
 def cached_topk(
     store: StoreLike, k: int = 1, *, cache: bool = True, progress: bool = False, **kwargs: Any
 ) -> xr.DataArray:
-    """Top-k ids, read from ``results/logit_lens_topk`` when a fresh one covers the request.
+    """Top-k ids of the finished samples: from ``results/logit_lens_topk`` when it covers the request,
+    else computed from the hidden states (and cached).
 
-    Fresh: written for this store's fingerprint and final-norm reading, with rank >= k, and for
-    exactly the samples done now (a resumed extraction makes an older cache stale).
+    The results are used when written for this store's fingerprint and final-norm reading with
+    rank >= k, and either computed during extraction (``--compute lens``; every finished sample is
+    there) or cached by an earlier analysis of exactly the samples done now (a resumed extraction
+    makes an older cache stale). A result computed during extraction is never replaced.
     """
     tree = as_tree(store)
     normed_last = _normed_last(tree)
     cached = load_result(tree, CACHE_NAME, final_norm_applied_to_last=normed_last) if cache else None
     done = finished(group(tree, "activations"))["sample"].values
-    if cached is not None and cached.sizes["rank"] >= k and np.array_equal(cached["sample"].values, done):
-        return cached.isel(rank=slice(0, k)).compute()
+    at_extraction = cached is not None and bool(cached.attrs.get("written_at_extraction"))
+    if cached is not None and cached.sizes["rank"] >= k:
+        if at_extraction:
+            return cached.sel(sample=done).isel(rank=slice(0, k)).compute()
+        if np.array_equal(cached["sample"].values, done):
+            return cached.isel(rank=slice(0, k)).compute()
+    if at_extraction:
+        log.info(
+            "results hold the top-%d computed during extraction; top-%d is computed from the hidden states",
+            cached.sizes["rank"],
+            k,
+        )
     top = compute(logit_lens_topk(tree, k, **kwargs), progress=progress)
-    if cache:
+    if cache and not at_extraction:
         save_result(location_of(tree), CACHE_NAME, top, k=k, final_norm_applied_to_last=normed_last)
     return top
 

@@ -48,6 +48,7 @@ def _block(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per sample of a block: image share, share after the image (layer,), last-query NA (layer, token)."""
     from vislens.kernels import norm_attention
+    from vislens.kernels.sample_stats import attention_shares
 
     s, n_layers = attn.shape[:2]
     share = np.full((s, n_layers), np.nan)
@@ -59,20 +60,14 @@ def _block(
         _, summed = norm_attention(
             torch.from_numpy(attn[i][:, :, rows, :n]), torch.from_numpy(gram[i][:, :n]), backend=backend
         )
-        summed = summed.numpy()  # (layer, q, n)
         positions = query_pos[i][rows]
-        image = modality[i][:n] == IMAGE
-        text_rows = modality[i][positions] == TEXT
-        totals = summed.sum(-1)
-        shares = np.divide(summed[..., image].sum(-1), totals, out=np.zeros_like(totals), where=totals > 0)
-        if text_rows.any():
-            share[i] = shares[:, text_rows].mean(-1)
-        seen = text_rows & (positions > (np.argmax(image) if image.any() else n))
-        if seen.any():
-            after[i] = shares[:, seen].mean(-1)
-        is_last = np.flatnonzero(positions == n - 1)
-        if is_last.size:
-            last[i, :, :n] = summed[:, is_last[0]]
+        shares = attention_shares(
+            summed,
+            torch.from_numpy(positions),
+            torch.from_numpy(modality[i][:n] == IMAGE),
+            torch.from_numpy(modality[i][positions] == TEXT),
+        )
+        share[i], after[i], last[i, :, :n] = (x.numpy() for x in shares)
     return share, after, last
 
 
@@ -82,13 +77,48 @@ def _packed_block(*blocks: np.ndarray, backend: str) -> np.ndarray:
     return np.concatenate([share[..., None], after[..., None], last.astype(np.float64)], axis=-1)
 
 
-def norm_attention_per_sample(store: StoreLike, *, backend: str = "auto", samples_per_task: int = 1) -> xr.Dataset:
+STAT_GROUP = "norm_attention"
+"""``results/norm_attention``: these statistics computed during extraction (``--compute norm-attention``)."""
+
+
+def _from_results(tree: xr.DataTree, keep: np.ndarray) -> xr.Dataset | None:
+    if "results" not in tree.children or STAT_GROUP not in tree["results"].children:
+        return None
+    ds = tree["results"][STAT_GROUP].to_dataset(inherit=False)
+    share = ds.get("image_share")
+    if share is None or share.attrs.get("source_fingerprint") != tree.attrs.get("vislens_fingerprint"):
+        return None
+    return ds[["image_share", "image_share_after_image", "last_query"]].sel(sample=keep)
+
+
+def norm_attention_per_sample(
+    store: StoreLike, *, backend: str = "auto", samples_per_task: int = 1, source: str = "auto"
+) -> xr.Dataset:
     """Lazy per finished sample: ``image_share``, ``image_share_after_image`` (sample, layer) and
-    ``last_query`` (sample, layer, token), NaN/0 where a sample has no such query row."""
+    ``last_query`` (sample, layer, token), NaN/0 where a sample has no such query row.
+
+    ``source``: ``auto`` reads the statistics computed during extraction (``--compute
+    norm-attention``) when the store has them, else computes them from the attention group;
+    ``attention`` always computes; ``results`` always reads.
+    """
     tree = as_tree(store)
     acts = group(tree, "activations")
-    keep = np.flatnonzero(np.isin(acts["sample"].values, finished(acts)["sample"].values))
-    acts, attention = take_samples(acts, keep), take_samples(group(tree, "attention"), keep)
+    keep = finished(acts)["sample"].values
+    stored = _from_results(tree, keep) if source != "attention" else None
+    if stored is not None:
+        stored.attrs["source"] = "computed during extraction (results/norm_attention)"
+        return _labelled(stored, acts.sel(sample=keep))
+    if source == "results":
+        raise StoreFormatError("this store has no norm-attention statistics computed during extraction")
+    if "attention" not in tree.children:
+        keep_attrs = tree.attrs.get("keep", [])
+        raise StoreFormatError(
+            f"this store holds no attention group (extracted with --attention {tree.attrs.get('attention_mode', '?')} "
+            f"--keep {','.join(keep_attrs) or 'none'}): norm-based attention needs it, or --compute norm-attention "
+            "during extraction; re-extract with --attention text (or last/all) and --keep attention"
+        )
+    positions = np.flatnonzero(np.isin(acts["sample"].values, keep))
+    acts, attention = take_samples(acts, positions), take_samples(group(tree, "attention"), positions)
     attn, gram = attention["attn"], attention["value_gram"]
     if samples_per_task > 1:
         attn, gram = attn.chunk({"sample": samples_per_task}), gram.chunk({"sample": samples_per_task})
@@ -109,6 +139,11 @@ def norm_attention_per_sample(store: StoreLike, *, backend: str = "auto", sample
     )
     out = xr.Dataset({"image_share": share, "image_share_after_image": after, "last_query": last})
     out["layer"] = attention["layer"]
+    out.attrs["source"] = "computed from the attention group"
+    return _labelled(out, acts)
+
+
+def _labelled(out: xr.Dataset, acts: xr.Dataset) -> xr.Dataset:
     long_names = {
         "image_share": "share of the text queries' norm-based attention on image tokens",
         "image_share_after_image": "share of norm-based attention on image tokens, text queries after the first image token",

@@ -56,6 +56,13 @@ def _wide(table: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, axis=1, keys=metrics)
 
 
+def _holds(tree: xr.DataTree, hidden: str, result: str) -> bool:
+    """Whether a store holds the hidden states, or the named result computed during extraction."""
+    if hidden and hidden in tree["activations"].data_vars:
+        return True
+    return "results" in tree.children and result in tree["results"].children
+
+
 def _section_html(title: str, text: str, files: dict[str, Path], out: Path) -> str:
     parts = [f"<section><h2>{html.escape(title)}</h2><p>{html.escape(text)}</p>"]
     for name, path in files.items():
@@ -114,24 +121,26 @@ def write_report(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with_acts = [t for t in trees if "activations" in t.children]
+    lens_ready = [t for t in with_acts if _holds(t, "hidden", "logit_lens_topk")]
+    cosine_ready = [t for t in with_acts if _holds(t, "hidden", "cosine")]
     plan: list[tuple[str, str, Callable[[], dict[str, Path]], list]] = [
         (
             "Logit lens on image tokens (the study's figures 3.1, 3.2)",
             f"Precision (distinct words), token precision (per image token) and recall of the words decoded from "
             f"each image token on its own (top-{top_k}, final norm applied) against the reference captions, per layer "
             "and prompt kind. Definitions: docs/methods.md.",
-            lambda: write_logit_lens(with_acts, out / "logit_lens", top_k=top_k, by=by, progress=progress),
-            with_acts,
+            lambda: write_logit_lens(lens_ready, out / "logit_lens", top_k=top_k, by=by, progress=progress),
+            lens_ready,
         ),
         (
             "Inter-modal cosine similarity (the study's figures 4.1 to 4.4)",
             f"Mean cosine similarity between image-token and {text_tokens}-token hidden states per layer (and within each "
             "modality), per store (e.g. 7B vs 13B) and prompt kind. Definitions: docs/methods.md.",
-            lambda: write_cosine(with_acts, out / "cosine", text_tokens=text_tokens, by=by, backend=backend),
-            with_acts,
+            lambda: write_cosine(cosine_ready, out / "cosine", text_tokens=text_tokens, by=by, backend=backend),
+            cosine_ready,
         ),
     ]
-    with_attn = [t for t in with_acts if "attention" in t.children]
+    with_attn = [t for t in with_acts if "attention" in t.children or _holds(t, "", "norm_attention")]
     plan.append(
         (
             "Norm-based attention (the study's figure 4.5)",

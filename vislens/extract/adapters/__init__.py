@@ -10,11 +10,15 @@ import torch
 
 from vislens.errors import ModelError, UnsupportedModelError
 from vislens.extract.adapters.base import Adapter, AttentionShape, NormSpec
+from vislens.extract.adapters.gemma3 import Gemma3Adapter
 from vislens.extract.adapters.idefics3 import Idefics3Adapter
 from vislens.extract.adapters.instructblip import InstructBlipAdapter
 from vislens.extract.adapters.llava import LlavaAdapter
 from vislens.extract.adapters.llava_next import LlavaNextAdapter
+from vislens.extract.adapters.llava_onevision import LlavaOnevisionAdapter
+from vislens.extract.adapters.mllama import MllamaAdapter
 from vislens.extract.adapters.qwen2_vl import Qwen2VLAdapter
+from vislens.extract.adapters.smolvlm import SmolVLMAdapter
 
 __all__ = [
     "Adapter",
@@ -33,6 +37,10 @@ ADAPTERS: tuple[type[Adapter], ...] = (
     LlavaNextAdapter,
     Qwen2VLAdapter,
     Idefics3Adapter,
+    Gemma3Adapter,
+    LlavaOnevisionAdapter,
+    MllamaAdapter,
+    SmolVLMAdapter,
 )
 ADDING_DOC = "docs/models.md (section 'Adding a model family')"
 

@@ -87,6 +87,11 @@ class Adapter:
     """Whether every image gives the same number of image tokens (then counts are cached)."""
     contiguous_image_tokens: ClassVar[bool] = True
     """Whether one image's tokens are one run; False where text tokens (tile markers) lie between them."""
+    nested_images: ClassVar[bool] = False
+    """Whether the processor wants one list of images per sample (Gemma-3, SmolVLM read a flat list as one sample's images)."""
+    image_attention_bidirectional: ClassVar[bool] = False
+    """Whether the image tokens of one image attend to each other in both directions (Gemma-3); then
+    removing an image token changes the keys and values of the image tokens before it too (`vislens.ablate`)."""
 
     def __init__(self, model: torch.nn.Module, processor: Any) -> None:
         self.model = model
@@ -132,9 +137,39 @@ class Adapter:
         return self.decoder.norm
 
     @property
+    def cross_attention_layers(self) -> tuple[int, ...]:
+        """Decoder layers (0-based) whose attention reads the image features instead of the sequence (Mllama).
+
+        They have no self-attention over the tokens: norm-based attention is not defined there and
+        the store holds NaN for them (`vislens.extract.capture`).
+        """
+        return ()
+
+    @property
     def unembedding(self) -> torch.Tensor:
         """The unembedding matrix W_U, (vocab, hidden)."""
         return self.model.get_output_embeddings().weight
+
+    # ---- capture points (``vislens extract --capture``) --------------------------------------
+    @property
+    def vision_layers(self) -> torch.nn.ModuleList | None:
+        """The vision tower's encoder layers, when the tower sees one image per sample (else None)."""
+        tower = getattr(self.model.model, "vision_tower", None)
+        tower = getattr(tower, "vision_model", tower)  # transformers 5 flattens CLIPVisionModel
+        return getattr(getattr(tower, "encoder", None), "layers", None)
+
+    @property
+    def projector(self) -> torch.nn.Module | None:
+        """The module that maps image features into the decoder's space (one row per image token)."""
+        return getattr(self.model.model, "multi_modal_projector", None)
+
+    def decoder_attention(self, layer: int) -> torch.nn.Module:
+        """Decoder layer ``layer``'s (0-based) self-attention block; its output is what it adds to the residual stream."""
+        return self.layers[layer].self_attn
+
+    def decoder_mlp(self, layer: int) -> torch.nn.Module:
+        """Decoder layer ``layer``'s (0-based) MLP block."""
+        return self.layers[layer].mlp
 
     def o_proj(self, layer: int) -> torch.nn.Linear:
         """The attention output projection of decoder layer ``layer``."""
@@ -191,9 +226,25 @@ class Adapter:
             return self.processor.apply_chat_template(messages, add_generation_prompt=True)
         return f"{self.image_placeholder}\n{text}".rstrip()
 
+    def special_tokens_kwargs(self, texts: list[str]) -> dict[str, bool]:
+        """``add_special_tokens=False`` when every text already starts with the BOS token (a chat template wrote it).
+
+        transformers' own ``processor.apply_chat_template(..., tokenize=True)`` does the same, so a
+        tokenizer that adds BOS itself never gives two.
+        """
+        bos = getattr(self.tokenizer, "bos_token", None)
+        if bos and texts and all(text.startswith(bos) for text in texts):
+            return {"add_special_tokens": False}
+        return {}
+
     def encode(self, images: list[Image.Image], texts: list[str]) -> dict[str, torch.Tensor]:
         """Processor outputs for a batch, right-padded (padding never shifts positions)."""
-        return dict(self.processor(images=images, text=texts, return_tensors="pt", padding=True))
+        batch = [[image] for image in images] if self.nested_images else images
+        return dict(
+            self.processor(
+                images=batch, text=texts, return_tensors="pt", padding=True, **self.special_tokens_kwargs(texts)
+            )
+        )
 
     def image_mask(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Boolean (batch, token): positions holding image features."""
@@ -240,7 +291,8 @@ class Adapter:
                 f"{type(tok).__name__} is a slow tokenizer; vislens needs a fast one (character offsets) to tell "
                 "instruction tokens from template tokens: load the checkpoint's tokenizer.json (use_fast=True)"
             )
-        enc = tok(text, return_offsets_mapping=True, add_special_tokens=True)
+        add_special = self.special_tokens_kwargs([text]).get("add_special_tokens", True)
+        enc = tok(text, return_offsets_mapping=True, add_special_tokens=add_special)
         ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
         start, end = _instruction_span(text, instruction, self.image_placeholder)
         bos = tok.bos_token_id
