@@ -213,6 +213,7 @@ def main() -> None:
                     processes=True,
                     dashboard_address=None,
                     silence_logs=logging.ERROR,
+                    env={"NUMBA_NUM_THREADS": "1"},  # one core per worker process, numba's kernels too
                 ) as cluster,
                 Client(cluster, set_as_default=False) as client,
             ):

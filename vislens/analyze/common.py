@@ -6,7 +6,6 @@ import functools
 import logging
 import os
 import string
-import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -186,25 +185,7 @@ def compute(obj: Any, *, progress: bool = False) -> Any:
     return persisted.compute()
 
 
-def _one_thread_per_task() -> None:
-    """On a Dask worker, a task's kernels run on its own thread: the worker's threads are its share
-    of the cores (Dask's nanny already sets OMP_NUM_THREADS=1 for torch; numba's pool is per task
-    thread)."""
-    if "distributed" not in sys.modules:
-        return
-    from distributed import get_worker
-
-    try:
-        get_worker()
-    except ValueError:  # not in a worker: the local threaded scheduler keeps every core
-        return
-    import numba
-
-    numba.set_num_threads(1)
-
-
 def _call_block(func: Callable[..., np.ndarray], n_dummy: int, *blocks: np.ndarray, **kwargs: Any) -> np.ndarray:
-    _one_thread_per_task()
     out = np.asarray(func(*blocks, **kwargs))
     return out.reshape(out.shape + (1,) * n_dummy)
 
