@@ -208,3 +208,34 @@ def test_a_worker_killed_mid_extraction_loses_and_repeats_nothing(cluster, s3, t
     for group in ("activations", "attention"):
         for name in theirs[group].data_vars:
             np.testing.assert_array_equal(ours[group][name].values, theirs[group][name].values, err_msg=name)
+
+
+def _ablate(model, manifest, out: str) -> list[str]:
+    return ["ablate", "--model", str(model), "--data", str(manifest), "--out", out, "--ks", "1,10,25"] + [
+        "--block",
+        str(BLOCK),
+        "--batch-size",
+        "8",
+        "--no-progress",
+    ]
+
+
+def test_ablation_through_the_cluster_equals_a_single_process_run_and_so_does_its_analysis(
+    cluster, s3, toy_models, manifest, tmp_path
+):
+    url, local = f"s3://{S3_BUCKET}/cluster/ablate.zarr", str(tmp_path / "ablate.zarr")
+    remote = ["--scheduler", cluster.scheduler.address, "--storage-options", json.dumps(s3)]
+    with get_task_stream(cluster) as stream:
+        assert main([*_ablate(toy_models["gqa"], manifest, url), *remote]) == 0
+    assert len({t["key"] for t in stream.data if "vislens-run_ablation_shard" in str(t["key"])}) == 2
+    assert main(_ablate(toy_models["gqa"], manifest, local)) == 0
+    ours, theirs = open_store(url, s3)["ablation"].to_dataset(), open_store(local)["ablation"].to_dataset()
+    assert (ours["done"].values == DONE).all()
+    for name in theirs.variables:
+        np.testing.assert_array_equal(ours[name].values, theirs[name].values, err_msg=name)
+    assert main(["analyze", "ablation", url, *remote, "--out", str(tmp_path / "cluster")]) == 0
+    assert main(["analyze", "ablation", local, "--out", str(tmp_path / "local")]) == 0
+    mine, reference = _tables(tmp_path / "cluster"), _tables(tmp_path / "local")
+    assert mine.keys() == reference.keys() and mine
+    for name, table in reference.items():
+        pd.testing.assert_frame_equal(mine[name], table, obj=name, check_exact=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xarray as xr
 import zarr
 
 from tests.conftest import S3_BUCKET
@@ -132,3 +133,33 @@ def test_two_extractions_started_on_one_store_one_is_refused(toy_models, manifes
     assert "12 samples written" in stdout
     assert_same_store(out, store_path)  # the session's store: the same extraction, run alone
     assert np.all(zarr.open_group(str(out), mode="r")["activations/done"][:] == DONE)
+
+
+def test_an_ablation_writes_no_pair_of_blocks_another_writer_holds(toy_models, manifest, tmp_path):
+    from vislens.ablate import AblateConfig, ablate
+
+    out = tmp_path / "a.zarr"
+    config = AblateConfig(
+        model=str(toy_models["gqa"]), data=str(manifest), out=str(out), ks=(1, 25), limit=4, block=2, progress=False
+    )
+    location = StoreLocation(str(out))
+    held = claims.claim(location, "ablation", [1], what="another ablation")
+    try:
+        with pytest.raises(StoreLockedError, match="another ablation of ablation"):
+            ablate(config)  # creating the store claims all of it
+        assert not (out / "ablation").exists()  # refused before creating anything
+    finally:
+        held.release()
+    first = ablate(AblateConfig(**{**config.__dict__, "shard": (0, 2)}))  # creates the group, writes block 0
+    assert (first.written, first.n_pairs) == (10, 10)  # 2 images x 5 prompts
+    held = claims.claim(location, "ablation", [1], what="another ablation")
+    try:
+        with pytest.raises(StoreLockedError, match="another ablation"):  # shard 1/2 owns block 1
+            ablate(AblateConfig(**{**config.__dict__, "shard": (1, 2)}))
+    finally:
+        held.release()
+    done = xr.open_zarr(str(out), group="ablation")["done"].values
+    assert (done[:2] == DONE).all() and not (done[2:] == DONE).any()  # the refused run wrote nothing
+    second = ablate(AblateConfig(**{**config.__dict__, "shard": (1, 2)}))
+    assert (second.written, second.already_done) == (10, 0)
+    assert (xr.open_zarr(str(out), group="ablation")["done"].values == DONE).all()

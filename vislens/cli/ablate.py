@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vislens.cli.common import HelpFormatter, add_cluster_options, dask_context, storage_options
+from vislens.cli.common import HelpFormatter, add_cluster_options, dask_context, shard, storage_options
 
 
 def _ks(text: str) -> tuple[int, ...]:
@@ -76,6 +76,21 @@ def add_ablate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--method", default="shared", choices=["shared", "naive"], help="naive: one full pass per setting (checking)"
     )
+    p.add_argument(
+        "--block", type=int, default=64, help="images per file of the per-pair arrays; --shard splits whole blocks"
+    )
+    p.add_argument("--shard", type=shard, default=(0, 1), help="this process's share i/n of the images")
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run on an existing Dask cluster (e.g. tcp://host:8786): one model per worker with a GPU resource, "
+        "each filling its own shards of the group (docs/scaling.md)",
+    )
+    p.add_argument(
+        "--shards",
+        type=int,
+        help="with --scheduler: split the images into N shards (default: one per GPU worker, or per worker)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a group made with other arguments")
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
     p.add_argument("--storage-options", help="JSON fsspec options for the store URL")
@@ -112,8 +127,20 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         strict=args.strict,
         progress=not args.no_progress,
         storage_options=storage_options(args.storage_options),
+        block=args.block,
+        shard=args.shard,
     )
-    print(ablate(config).summary())
+    if args.shards is not None and not args.scheduler:
+        raise SystemExit("--shards needs --scheduler (processes you start yourself take --shard i/n)")
+    if not args.scheduler:
+        print(ablate(config).summary())
+        return 0
+    from vislens.ablate.distributed import ablate_on_cluster
+    from vislens.cluster import check_workers, cluster
+
+    with cluster(args.scheduler, verbose=bool(getattr(args, "verbose", False))) as client:
+        check_workers(client)
+        print(ablate_on_cluster(config, client, shards=args.shards).summary())
     return 0
 
 

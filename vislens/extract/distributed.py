@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from vislens.errors import ConfigError
@@ -41,8 +42,8 @@ _MODELS: dict[tuple[str, ...], Any] = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def _model(config: ExtractConfig) -> Any:
-    """The model of ``config``, loaded once per worker process (one kept)."""
+def worker_model(config: Any) -> Any:
+    """The model of ``config`` (an extraction's or an ablation's), loaded once per worker process (one kept)."""
     from vislens.extract.adapters import load_adapter
 
     device = config.resolved_device()
@@ -60,7 +61,7 @@ def forget_models() -> None:
         _MODELS.clear()
 
 
-def _quiet_libraries() -> None:
+def quiet_worker_libraries() -> None:
     """No model-loading chatter in the worker's log unless vislens logs INFO (``vislens -v``)."""
     if logging.getLogger("vislens").getEffectiveLevel() <= logging.INFO:
         return
@@ -72,9 +73,9 @@ def _quiet_libraries() -> None:
 
 def run_shard(config: ExtractConfig) -> ExtractResult:
     """One shard on this worker: `extract` with the worker's cached model."""
-    _quiet_libraries()
+    quiet_worker_libraries()
     try:
-        return extract(config, loaded=_model(config))
+        return extract(config, loaded=worker_model(config))
     except BaseException:
         claims.release_all(config.writer_id)  # the worker lives on: do not leave the claim alive
         raise
@@ -86,11 +87,78 @@ def gpu_workers(client: Any, resource: str = RESOURCE) -> list[str]:
     return sorted(a for a, w in workers.items() if (w.get("resources") or {}).get(resource, 0) >= 1)
 
 
-def _ready(config: ExtractConfig) -> bool:
+def _store_ready(config: ExtractConfig) -> bool:
     location = as_location(config.out, config.storage_options)
     location.fs.invalidate_cache()
     attrs = read_root(location)
     return bool(attrs) and attrs.get("vislens_status") == STATUS_READY
+
+
+def _remove_store(config: ExtractConfig) -> None:
+    location = as_location(config.out, config.storage_options)
+    whole = claims.claim(location, "activations", claims.ALL, what="replacing (--overwrite)")
+    try:
+        location.remove()
+    finally:
+        whole.release()
+
+
+def run_sharded(
+    config: Any,
+    client: Any,
+    *,
+    run: Callable[[Any], Any],
+    ready: Callable[[Any], bool],
+    remove: Callable[[Any], None],
+    shards: int | None = None,
+    resource: str = RESOURCE,
+    poll_s: float = 0.5,
+) -> list[Any]:
+    """``run(config with shard i/n)`` for every shard as tasks of ``client``'s cluster: shard 0 first,
+    the others once ``ready(config)`` (shard 0 has created what they write into). Returns the
+    shards' results in shard order. With ``config.overwrite``, ``remove(config)`` runs here once
+    first, so that a retried shard resumes instead of deleting its own work again.
+
+    Raises
+    ------
+    ConfigError
+        With ``config.shard`` other than 0/1 (the cluster splits the work itself), or no workers.
+    Any error of a shard; the other shards are then cancelled (finished work stays: rerun to resume).
+    """
+    if config.shard != (0, 1):
+        raise ConfigError(
+            "--shard i/n splits the work over processes you start yourself; with --scheduler, use --shards"
+        )
+    gpus = gpu_workers(client, resource)
+    n = shards or len(gpus) or len(client.scheduler_info(n_workers=-1)["workers"])
+    if n < 1:
+        raise ConfigError("the cluster has no workers; start some (`dask worker ADDRESS`) or wait for them")
+    if config.overwrite:
+        remove(config)
+    tag = uuid.uuid4().hex[:8]
+    configs = [
+        dataclasses.replace(
+            config, shard=(i, n), overwrite=False, progress=False, writer_id=f"cluster-{tag}-shard{i}of{n}"
+        )
+        for i in range(n)
+    ]
+    options: dict[str, Any] = {"pure": False, "resources": {resource: 1} if gpus else None}
+    name = getattr(run, "__name__", "shard")
+    first = client.submit(run, configs[0], key=f"vislens-{name}-{tag}-0of{n}", priority=1, **options)
+    while not ready(config):  # shard 0 creates the store; the others are submitted once it is there
+        if first.done():
+            first.result()  # raises shard 0's error
+            break
+        time.sleep(poll_s)
+    rest = [client.submit(run, c, key=f"vislens-{name}-{tag}-{c.shard[0]}of{n}", **options) for c in configs[1:]]
+    futures = [first, *rest]
+    try:
+        results = client.gather(futures)
+    except BaseException:
+        client.cancel(futures)
+        raise
+    log.info("%s on %d shards (%d GPU workers) done", name, n, len(gpus))
+    return results
 
 
 def extract_on_cluster(
@@ -101,10 +169,9 @@ def extract_on_cluster(
     resource: str = RESOURCE,
     poll_s: float = 0.5,
 ) -> ExtractResult:
-    """Run (or resume) the extraction of ``config`` on the workers of ``client``, shard by shard.
-
-    Returns the shards' results summed (``store``, ``n_samples``, samples written, already done,
-    skipped; ``seconds`` of the whole run).
+    """Run (or resume) the extraction of ``config`` on the workers of ``client``, shard by shard
+    (`run_sharded`). Returns the shards' results summed (``store``, ``n_samples``, samples
+    written, already done, skipped; ``seconds`` of the whole run).
 
     Raises
     ------
@@ -113,48 +180,21 @@ def extract_on_cluster(
     Any error of a shard (e.g. `StoreMismatchError`, `StoreLockedError`); the other shards are
     then cancelled (finished samples stay: rerun to resume).
     """
-    if config.shard != (0, 1):
-        raise ConfigError(
-            "--shard i/n splits the work over processes you start yourself; with --scheduler, use --shards"
-        )
     start = time.perf_counter()
-    gpus = gpu_workers(client, resource)
-    n = shards or len(gpus) or len(client.scheduler_info(n_workers=-1)["workers"])
-    if n < 1:
-        raise ConfigError("the cluster has no workers; start some (`dask worker ADDRESS`) or wait for them")
-    if config.overwrite:  # replaced here, once: a retried shard must resume, never delete the store again
-        location = as_location(config.out, config.storage_options)
-        whole = claims.claim(location, "activations", claims.ALL, what="replacing (--overwrite)")
-        try:
-            location.remove()
-        finally:
-            whole.release()
-    run = uuid.uuid4().hex[:8]
-    configs = [
-        dataclasses.replace(
-            config, shard=(i, n), overwrite=False, progress=False, writer_id=f"cluster-{run}-shard{i}of{n}"
-        )
-        for i in range(n)
-    ]
-    options: dict[str, Any] = {"pure": False, "resources": {resource: 1} if gpus else None}
-    first = client.submit(run_shard, configs[0], key=f"vislens-extract-{run}-0of{n}", priority=1, **options)
-    while not _ready(config):  # shard 0 creates the store; the others are submitted once it is there
-        if first.done():
-            first.result()  # raises shard 0's error
-            break
-        time.sleep(poll_s)
-    rest = [client.submit(run_shard, c, key=f"vislens-extract-{run}-{c.shard[0]}of{n}", **options) for c in configs[1:]]
-    futures = [first, *rest]
-    try:
-        results: list[ExtractResult] = client.gather(futures)
-    except BaseException:
-        client.cancel(futures)
-        raise
+    results: list[ExtractResult] = run_sharded(
+        config,
+        client,
+        run=run_shard,
+        ready=_store_ready,
+        remove=_remove_store,
+        shards=shards,
+        resource=resource,
+        poll_s=poll_s,
+    )
     total = ExtractResult(results[0].store, results[0].n_samples)
     for result in results:
         total.written += result.written
         total.already_done += result.already_done
         total.skipped.update(result.skipped)
     total.seconds = time.perf_counter() - start
-    log.info("extraction on %d shards (%d GPU workers) done in %.1f s", n, len(gpus), total.seconds)
     return total
