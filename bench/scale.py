@@ -53,6 +53,26 @@ def _noop(block: np.ndarray) -> np.ndarray:
     return block
 
 
+def _first_value(hidden: np.ndarray) -> np.ndarray:
+    """A read-only 'analysis': the hidden states are read and decoded, one value kept per sample."""
+    return hidden[:, :1, 0, 0].astype(np.float32)
+
+
+def _read_only(tree):
+    """The reading of `cosine`'s tasks alone: one task per stored sample, as `map_samples` makes them."""
+    from vislens.analyze.common import map_samples
+
+    acts = tree["activations"].to_dataset()
+    return map_samples(
+        _first_value,
+        [acts["hidden"]],
+        [["layer", "token", "d_model"]],
+        ["one"],
+        dtype=np.float32,
+        output_sizes={"one": 1},
+    )
+
+
 def measure(client, analysis, repeats: int) -> dict:
     """Median wall time of ``analysis().compute()`` on ``client``, with per-worker bytes."""
     with dask.config.set(scheduler=client):
@@ -172,6 +192,7 @@ def main() -> None:
     samples = args.samples or (4 if args.quick else 16)
     layers, tokens, n_image = (5, 40, 32) if args.quick else (33, 600, 576)
     shapes = {
+        "read": (64, 256) if args.quick else (2048, 256),
         "cosine": (64, 256) if args.quick else (2048, 256),
         "logit_lens": (64, 512) if args.quick else (512, 4096),
     }
@@ -198,9 +219,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         stores = {}
-        for name, (hidden, vocab) in shapes.items():
+        for name in ("cosine", "logit_lens"):
+            hidden, vocab = shapes[name]
             stores[name] = build_store(Path(tmp) / f"{name}.zarr", samples, layers, tokens, n_image, hidden, vocab)
         analyses = {
+            "read": lambda: _read_only(open_store(stores["cosine"])),
             "cosine": lambda: cosine_per_sample(open_store(stores["cosine"]), text_tokens="all")["inter_modal"],
             "logit_lens": lambda: logit_lens_topk(open_store(stores["logit_lens"]), 1),
         }
@@ -211,7 +234,7 @@ def main() -> None:
                     n_workers=workers,
                     threads_per_worker=1,
                     processes=True,
-                    dashboard_address=None,
+                    dashboard_address=":0",
                     silence_logs=logging.ERROR,
                     env={"NUMBA_NUM_THREADS": "1"},  # one core per worker process, numba's kernels too
                 ) as cluster,
@@ -261,6 +284,12 @@ def main() -> None:
             row(f"S3 requests ({phase})", method, "requests per sample", "1", "toy store, moto on loopback", per_sample)
         notes.append(f"S3 requests per sample, {phase}: {sum(by_method.values()):.1f} ({by_method})")
     print_table(rows)
+    read_mb = samples * layers * tokens * shapes["read"][0] * 2 / 1e6
+    for workers in (1, 2):
+        notes.append(
+            f"reading and decoding alone, {workers} worker(s): {read_mb / timing['read', workers]['seconds']:.0f} MB/s "
+            f"of fp16 hidden states (page cache; Blosc-zstd level 1)"
+        )
     for name in analyses:
         one, two = timing[name, 1]["seconds"], timing[name, 2]["seconds"]
         hidden_bytes = samples * layers * tokens * shapes[name][0] * 2

@@ -77,7 +77,7 @@ def cluster(
             n_workers=workers,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
+            dashboard_address=":0",
             silence_logs=logging.INFO if verbose else logging.ERROR,
         )
         client = Client(local)

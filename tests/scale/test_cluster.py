@@ -43,7 +43,7 @@ N_SAMPLES = 12  # 6 images x (normal, empty)
 def cluster():
     """A LocalCluster of 2 single-threaded worker processes; yields a client of it."""
     local = LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
     )
     client = Client(local, set_as_default=False)
     yield client
@@ -239,3 +239,20 @@ def test_ablation_through_the_cluster_equals_a_single_process_run_and_so_does_it
     assert mine.keys() == reference.keys() and mine
     for name, table in reference.items():
         pd.testing.assert_frame_equal(mine[name], table, obj=name, check_exact=True)
+
+
+def test_a_cluster_that_cannot_do_the_work_is_named_before_any_work(cluster, tmp_path):
+    from vislens.cluster import check_workers
+    from vislens.cluster import cluster as connect
+    from vislens.errors import ClusterError
+
+    with pytest.raises(ClusterError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9.*dask scheduler"):
+        with connect("tcp://127.0.0.1:9", timeout_s=2):
+            pass
+    with pytest.raises(ClusterError, match="--scheduler .* or --workers .*, not both"):
+        with connect(cluster.scheduler.address, 2):
+            pass
+    missing = StoreLocation(str(tmp_path / "only-here.zarr"))
+    with pytest.raises(ClusterError, match="worker tcp://.* cannot read .*only-here.zarr.*every worker mounts"):
+        check_workers(cluster, [missing])
+    assert len(check_workers(cluster)) == 2
