@@ -73,27 +73,38 @@ def _read_only(tree):
     )
 
 
-def measure(client, analysis, repeats: int) -> dict:
-    """Median wall time of ``analysis().compute()`` on ``client``, with per-worker bytes."""
-    with dask.config.set(scheduler=client):
-        analysis().compute()  # warm-up: imports, numba's cache, the lens read once per worker
+def measure(clients: dict[int, object], analysis, repeats: int) -> dict[int, dict]:
+    """Wall time of ``analysis().compute()`` on each client (by worker count), the clients taking
+    turns repeat by repeat (so that a change in the machine's load hits both alike), with each
+    worker's bytes read and fetched from other workers and its lens reads."""
+    times: dict[int, list[float]] = {n: [] for n in clients}
+    read0, cpu0 = {}, {}
+    for n, client in clients.items():
+        with dask.config.set(scheduler=client):
+            analysis().compute()  # warm-up: imports, numba's cache, the lens read once per worker
         client.run(_fetched)
-        read0 = client.run(_rchar)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            analysis().compute()
-            times.append(time.perf_counter() - start)
-    read1 = client.run(_rchar)
-    fetched = client.run(_fetched)
-    return {
-        "seconds": statistics.median(times),
-        "p20": float(np.percentile(times, 20)),
-        "p80": float(np.percentile(times, 80)),
-        "read": {w: (read1[w] - read0[w]) / repeats for w in read1},
-        "fetched": {w: fetched[w] / repeats for w in fetched},
-        "lens_reads": client.run(lens_module.reads),
-    }
+        read0[n] = client.run(_rchar)
+        cpu0[n] = client.run(time.process_time)
+    for _ in range(repeats):
+        for n, client in clients.items():
+            with dask.config.set(scheduler=client):
+                start = time.perf_counter()
+                analysis().compute()
+                times[n].append(time.perf_counter() - start)
+    out = {}
+    for n, client in clients.items():
+        read1, fetched, cpu1 = client.run(_rchar), client.run(_fetched), client.run(time.process_time)
+        out[n] = {
+            "seconds": statistics.median(times[n]),
+            "p20": float(np.percentile(times[n], 20)),
+            "p80": float(np.percentile(times[n], 80)),
+            "times": times[n],
+            "read": {w: (read1[w] - read0[n][w]) / repeats for w in read1},
+            "fetched": {w: fetched[w] / repeats for w in fetched},
+            "lens_reads": client.run(lens_module.reads),
+            "cpu": sum(cpu1[w] - cpu0[n][w] for w in cpu1) / repeats,
+        }
+    return out
 
 
 def task_overhead(client, n_tasks: int, repeats: int) -> float:
@@ -228,56 +239,47 @@ def main() -> None:
             "logit_lens": lambda: logit_lens_topk(open_store(stores["logit_lens"]), 1),
         }
         timing: dict[tuple[str, int], dict] = {}
-        for workers in (1, 2):
-            with (
-                LocalCluster(
-                    n_workers=workers,
-                    threads_per_worker=1,
-                    processes=True,
-                    dashboard_address=":0",
-                    silence_logs=logging.ERROR,
-                    env={"NUMBA_NUM_THREADS": "1"},  # one core per worker process, numba's kernels too
-                ) as cluster,
-                Client(cluster, set_as_default=False) as client,
-            ):
-                for name, analysis in analyses.items():
-                    hidden, vocab = shapes[name]
-                    shape = f"{samples} samples x {layers} layers x {tokens} tokens, D={hidden}" + (
-                        f", V={vocab}" if name == "logit_lens" else ""
-                    )
-                    m = measure(client, analysis, repeats)
+        clusters = {
+            n: LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=":0",
+                silence_logs=logging.ERROR,
+                env={"NUMBA_NUM_THREADS": "1"},  # one core per worker process, numba's kernels too
+            )
+            for n in (1, 2)
+        }
+        clients = {n: Client(cluster, set_as_default=False) for n, cluster in clusters.items()}
+        try:
+            for name, analysis in analyses.items():
+                hidden, vocab = shapes[name]
+                shape = f"{samples} samples x {layers} layers x {tokens} tokens, D={hidden}" + (
+                    f", V={vocab}" if name == "logit_lens" else ""
+                )
+                for workers, m in measure(clients, analysis, repeats).items():
                     timing[name, workers] = m | {"shape": shape}
                     label = f"LocalCluster {workers} worker{'s' * (workers > 1)}"
                     row(name, label, "time", "s", shape, m["seconds"], m["p20"], m["p80"])
                     row(name, label, "throughput", "samples/s", shape, samples / m["seconds"])
                     for i, worker in enumerate(sorted(m["read"])):
                         row(name, f"{label}, worker {i}", "read", "MB", shape, m["read"][worker] / 1e6)
-                        row(
-                            name,
-                            f"{label}, worker {i}",
-                            "fetched from workers",
-                            "MB",
-                            shape,
-                            m["fetched"][worker] / 1e6,
-                        )
+                        fetched = m["fetched"][worker] / 1e6
+                        row(name, f"{label}, worker {i}", "fetched from workers", "MB", shape, fetched)
                     if name == "logit_lens":
                         notes.append(f"{label}: lens reads per worker process {sorted(m['lens_reads'].values())}")
-                if workers == 2:
-                    per_task = task_overhead(client, samples * 8, repeats)
-                    row(
-                        "empty tasks",
-                        "LocalCluster 2 workers",
-                        "overhead per task",
-                        "ms",
-                        f"{samples * 8} tasks",
-                        per_task * 1e3,
-                    )
-                    for name in analyses:
-                        compute = timing[name, 2]["seconds"] * 2 / samples  # worker-seconds per one-sample task
-                        notes.append(
-                            f"{name}: one task per sample takes {compute * 1e3:.0f} ms of a worker; the scheduler's "
-                            f"cost per task is {per_task * 1e3:.1f} ms ({100 * per_task / compute:.1f}% of it)"
-                        )
+            per_task = task_overhead(clients[2], samples * 8, repeats)
+        finally:
+            for n in clients:
+                clients[n].close()
+                clusters[n].close()
+        row("empty tasks", "LocalCluster 2 workers", "overhead per task", "ms", f"{samples * 8} tasks", per_task * 1e3)
+        for name in analyses:
+            compute = timing[name, 2]["seconds"] * 2 / samples  # worker-seconds per one-sample task
+            notes.append(
+                f"{name}: one task per sample takes {compute * 1e3:.0f} ms of a worker; the scheduler's "
+                f"cost per task is {per_task * 1e3:.1f} ms ({100 * per_task / compute:.1f}% of it)"
+            )
     requests = s3_requests(8 if args.quick else 64)
     for phase, by_method in requests.items():
         for method, per_sample in by_method.items():
@@ -292,11 +294,20 @@ def main() -> None:
         )
     for name in analyses:
         one, two = timing[name, 1]["seconds"], timing[name, 2]["seconds"]
+        paired = statistics.median(a / b for a, b in zip(timing[name, 1]["times"], timing[name, 2]["times"]))
         hidden_bytes = samples * layers * tokens * shapes[name][0] * 2
         moved = sum(timing[name, 2]["fetched"].values())
+        goal = " (goal 1.7x)" if name != "read" else ""
+        cpu1, cpu2 = timing[name, 1]["cpu"] / samples, timing[name, 2]["cpu"] / samples
+        row(name, "LocalCluster 1 worker", "CPU time per sample", "s", timing[name, 1]["shape"], cpu1)
+        row(name, "LocalCluster 2 workers", "CPU time per sample", "s", timing[name, 2]["shape"], cpu2)
         notes.append(
-            f"{name}: 2 workers {one / two:.2f}x one worker (goal 1.7x); between workers moved {moved / 1e6:.2f} MB "
-            f"of {hidden_bytes / 1e6:.0f} MB of hidden states read"
+            f"{name}: CPU time per sample {cpu1:.2f} s with 1 worker, {cpu2:.2f} s with 2 (contention between the "
+            f"workers included): on 2 free cores 2 workers would run {2 * cpu1 / cpu2:.2f}x one worker"
+        )
+        notes.append(
+            f"{name}: 2 workers {one / two:.2f}x one worker{goal}, {paired:.2f}x as the median of back-to-back "
+            f"pairs; between workers moved {moved / 1e6:.2f} MB of {hidden_bytes / 1e6:.0f} MB of hidden states read"
         )
     notes.append(contention.note())
     notes.append(f"CPUs usable: {len(os.sched_getaffinity(0))}; the store is in the page cache after its first read")
