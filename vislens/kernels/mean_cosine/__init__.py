@@ -99,9 +99,10 @@ def _unit_mean_pair(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`_unit_mean` of x under two masks in one kernel call (one parallel pass over both row sets)."""
     *lead, m, d = x.shape
-    flat, offsets_a = _rows(x, mask_a)
-    _, offsets_b = _rows(x, mask_b)
-    offsets = torch.stack([offsets_a, offsets_b], dim=1).reshape(-1, m)  # interleaved: balanced threads
+    flat, rows = _rows(x, None)
+    offsets = torch.stack([_masked(rows, mask_a, x), _masked(rows, mask_b, x)], dim=1).reshape(
+        -1, m
+    )  # balanced threads
     sums = load(__name__, name).unit_sums(flat, offsets, d) / (offsets >= 0).sum(-1, keepdim=True)
     sums = sums.reshape(-1, 2, d)
     return sums[:, 0].reshape(*lead, d), sums[:, 1].reshape(*lead, d)
@@ -124,6 +125,11 @@ def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, tor
     if mask is not None:
         offsets = offsets.masked_fill(~mask.expand(x.shape[:-1]), -1)
     return x.as_strided((span,), (1,)), offsets.reshape(math.prod(lead), m)
+
+
+def _masked(offsets: torch.Tensor, mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """`_rows` offsets (G, m) of x with the rows outside mask set to -1."""
+    return offsets if mask is None else offsets.masked_fill(~mask.expand(x.shape[:-1]).reshape(offsets.shape), -1)
 
 
 def _present(*masks: torch.Tensor | None) -> list[torch.Tensor]:
