@@ -209,6 +209,15 @@ def test_cpu_flat_and_zero_rows():
         assert stats.fallback[4] and stats.candidates[4] == 3000
 
 
+def test_cpu_fallback_in_blocks():
+    """More rows than one fallback block (64) screened again in fp32: each lands in its place."""
+    hidden, weight = _inputs(150, 48, 500, torch.float32, seed=11)
+    want = reference.lens_topk(hidden, weight, 3)
+    values, ids, stats = cpu.topk(hidden, cpu.prepare(weight), 3, cap=3)
+    assert stats.fallback.sum() > 64
+    assert torch.equal(ids, want[1]) and torch.equal(values, want[0])
+
+
 def test_cpu_screen_survives_outlier_dims():
     """Hidden states with a few channels 30x the rest (as in LLaMA-family models): the screen
     works in a rotated basis that spreads them out, so the int8 screen alone still certifies

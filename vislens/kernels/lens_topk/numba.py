@@ -75,6 +75,7 @@ SLACK = 2.0**-20
 CAP = 2048  # candidates a row may keep before it falls back to the fp32 screen
 ROW_BLOCK = 1024  # rows per int8 GEMM: bounds the (rows, vocab) screen in memory
 _VOCAB_BLOCK = 4096
+_FALLBACK_BLOCK = 64  # rows screened again at a time (their candidates may span the vocabulary)
 
 
 @dataclass(frozen=True)
@@ -553,12 +554,12 @@ def topk(x: torch.Tensor, prep: Prepared, k: int, *, cap: int = CAP) -> tuple[to
         cand, vals, kept, n, unsure = _certified(xb, prep, screen, bounds, xn, k, cap)
         del screen
         _select(cand, vals, kept, k, values[r0 : r0 + ROW_BLOCK], ids[r0 : r0 + ROW_BLOCK])
-        wide = np.flatnonzero(n > cap)
-        if wide.size:  # flat rows: screen again in fp32
-            screen, bounds, xn = _fp32_screen(xb[torch.from_numpy(wide)], prep)
-            cand, vals, kept, n[wide], more = _certified(
-                xb[torch.from_numpy(wide)], prep, screen, bounds, xn, k, prep.weight.shape[0]
-            )
+        flat_rows = np.flatnonzero(n > cap)
+        for w0 in range(0, flat_rows.size, _FALLBACK_BLOCK):  # screen these again, in fp32
+            wide = flat_rows[w0 : w0 + _FALLBACK_BLOCK]
+            xw = xb[torch.from_numpy(wide)]
+            screen, bounds, xn = _fp32_screen(xw, prep)
+            cand, vals, kept, n[wide], more = _certified(xw, prep, screen, bounds, xn, k, prep.weight.shape[0])
             unsure += more
             fallback[r0 + wide] = True
             top_values, top_ids = np.empty((wide.size, k), np.float32), np.empty((wide.size, k), np.int64)
