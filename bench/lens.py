@@ -19,7 +19,7 @@ The measured top-logit z-scores are in the notes. The 2-core machine is shared: 
 time (the median, as everywhere) this reports the process CPU time of each call, which other
 processes disturb less, and speed-ups from both.
 
-    python bench/lens.py [--quick] [--models 7b,13b] [--repeats N] [--out PATH]
+    python bench/lens.py [--quick] [--models 7b,13b] [--repeats N] [--threads N] [--out PATH]
 
 Hooks for the lead: `dask_rows` (the same layer with Dask and 2 workers) and `extraction_rows`
 (the cost of `vislens extract --lens-topk` on the toy) return no rows yet.
@@ -143,7 +143,13 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--models", default="7b,13b", help="comma-separated: 7b, 13b")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 7, quick 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: all cores)")
     args = p.parse_args()
+    if args.threads:
+        import numba
+
+        torch.set_num_threads(args.threads)
+        numba.set_num_threads(args.threads)
     models = [(QUICK if args.quick else MODELS)[name] for name in args.models.split(",")]
     repeats = args.repeats or (2 if args.quick else 7)
     rows: list[Row] = []
