@@ -250,6 +250,11 @@ def test_prepared_unembedding_is_reused(backend, device):
     assert torch.equal(first[1], second[1])
     if backend == "numba":
         assert "numba" in prepared._derived  # built once, kept
+    tensor = weight.to(device)
+    assert prepare_unembedding(tensor) is prepare_unembedding(tensor)  # the last tensor is remembered
+    before = prepare_unembedding(tensor)
+    tensor.mul_(2)  # an in-place change bumps the version: wrapped anew
+    assert prepare_unembedding(tensor) is not before
     from_numpy = lens_topk(hidden.to(device), weight.numpy(), 2, backend=backend) if device.type == "cpu" else first
     assert torch.equal(from_numpy[1].cpu(), first[1].cpu())
 
