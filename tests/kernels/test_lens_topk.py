@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 from fractions import Fraction
 
 import numpy as np
@@ -257,6 +258,16 @@ def test_prepared_unembedding_is_reused(backend, device):
     assert prepare_unembedding(tensor) is not before
     from_numpy = lens_topk(hidden.to(device), weight.numpy(), 2, backend=backend) if device.type == "cpu" else first
     assert torch.equal(from_numpy[1].cpu(), first[1].cpu())
+
+
+def test_prepared_unembedding_pickles_without_derived_data():
+    """A LensUnembedding sent to another process carries the matrix, not its int8 form."""
+    hidden, weight = _inputs(6, 32, 120, torch.float16, seed=12)
+    prepared = prepare_unembedding(weight)
+    want = lens_topk(hidden, prepared, 3, backend="numba")
+    copy = pickle.loads(pickle.dumps(prepared))
+    assert copy._derived == {} and torch.equal(copy.weight, weight)
+    assert torch.equal(lens_topk(hidden, copy, 3, backend="numba")[1], want[1])
 
 
 def test_input_errors():

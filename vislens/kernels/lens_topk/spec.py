@@ -74,6 +74,11 @@ class LensUnembedding:
     def shape(self) -> torch.Size:
         return self.weight.shape
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickles (e.g. to Dask workers) carry the matrix only: what a backend derives from it
+        (oneDNN's packed weight cannot be pickled) is built again, once, where it is used."""
+        return {"weight": self.weight, "_derived": {}}
+
     def derived(self, name: str, build: Any) -> Any:
         """build(weight), computed on first use and kept."""
         if name not in self._derived:
