@@ -21,8 +21,9 @@ processes disturb less, and speed-ups from both.
 
     python bench/lens.py [--quick] [--models 7b,13b] [--repeats N] [--threads N] [--out PATH]
 
-Hooks for the lead: `dask_rows` (the same layer with Dask and 2 workers) and `extraction_rows`
-(the cost of `vislens extract --lens-topk` on the toy) return no rows yet.
+Also: the middle layer through Dask (a LocalCluster of 1 and of 2 worker processes, the
+unembedding scattered once per worker), and the extra wall time of `vislens extract --lens-topk 5`
+on the embedded toy LLaVA.
 """
 
 from __future__ import annotations
@@ -128,15 +129,113 @@ def _setup(model: Model, kind: str, k: int, backend: str):
     )
 
 
+def _dask_layer(client, future_w, x: torch.Tensor, k: int, norm: LensNorm, parts: int) -> None:
+    """One layer's rows split into ``parts`` tasks; the prepared unembedding is a broadcast future."""
+    chunks = torch.chunk(x, parts)
+    futures = [client.submit(lens_topk, c, future_w, k, norm=norm, backend="numba", pure=False) for c in chunks]
+    client.gather(futures)
+
+
 def dask_rows(model: Model, args) -> list[Row]:
-    """Hook: the same layers through the Dask analysis with 2 workers (unembedding shipped once
-    per worker). To be filled in by the lead with issue 14, item 4."""
-    return []
+    """The middle layer through Dask: a LocalCluster of 1 and of 2 worker processes (one thread each),
+    the unembedding scattered once to every worker (its int8 form derived there once), rows split
+    in two tasks; against the same call in this process on one thread."""
+    from distributed import Client, LocalCluster
+
+    w = unembedding(model)
+    x, norm = hidden_states(model, "middle", w), final_norm(model)
+    k, repeats = 1, args.repeats or (2 if args.quick else 5)
+    shape = f"x ({model.rows}, {model.hidden}) fp16, W ({model.vocab}, {model.hidden}) fp16"
+    rows, where, label = [], machine(), vislens_version()
+    for workers in (1, 2):
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+            with Client(cluster) as client:
+                client.run(lambda: (torch.set_num_threads(1), __import__("numba").set_num_threads(1)))
+                future_w = client.scatter(prepare_unembedding(w), broadcast=True)
+                wall, _ = _timed(lambda: _dask_layer(client, future_w, x, k, norm, 2), repeats)
+        rows.append(
+            Row(
+                f"dask lens_topk {model.name} middle k=1",
+                f"LocalCluster {workers} worker(s)",
+                "time",
+                "s",
+                shape,
+                wall.median,
+                wall.p20,
+                wall.p80,
+                where,
+                label,
+            )
+        )
+    return rows
 
 
 def extraction_rows(args) -> list[Row]:
-    """Hook: the extra time of `vislens extract --lens-topk K` on the toy. Lead, issue 14, item 1."""
-    return []
+    """The extra wall time of `vislens extract --lens-topk 5` on the toy LLaVA (36 image tokens,
+    6 layers): the same extraction with and without it, interleaved, per sample."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from vislens.extract import ExtractConfig, extract
+    from vislens.extract.datasets import make_synthetic
+    from vislens.toys import toy_model_path
+
+    root = Path(tempfile.mkdtemp(prefix="vislens-bench-lens-"))
+    n = 8 if args.quick else 32
+    try:
+        manifest = make_synthetic(root / "data", n=n, seed=0)
+        model = str(toy_model_path())
+        times: dict[str, list[float]] = {"without": [], "with --lens-topk 5": []}
+        for r in range(1 if args.quick else 3):
+            for name in times:
+                compute = ("lens",) if name != "without" else ()
+                config = ExtractConfig(
+                    model=model,
+                    data=str(manifest),
+                    out=str(root / f"{r}-{len(name)}.zarr"),
+                    attention="none",
+                    compute=compute,
+                    progress=False,
+                )
+                begin = time.perf_counter()
+                extract(config)
+                times[name].append((time.perf_counter() - begin) / n)
+        rows, where, label = [], machine(), vislens_version()
+        for name, values in times.items():
+            p20, p80 = np.percentile(values, [20, 80])
+            rows.append(
+                Row(
+                    "extract toy LLaVA",
+                    name,
+                    "wall per sample",
+                    "s",
+                    f"{n} samples",
+                    statistics.median(values),
+                    float(p20),
+                    float(p80),
+                    where,
+                    label,
+                )
+            )
+        ratio = statistics.median(times["with --lens-topk 5"]) / statistics.median(times["without"])
+        rows.append(
+            Row(
+                "extract toy LLaVA",
+                "with --lens-topk 5",
+                "wall vs without",
+                "x",
+                f"{n} samples",
+                ratio,
+                ratio,
+                ratio,
+                where,
+                label,
+            )
+        )
+        return rows
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def main() -> None:
@@ -240,10 +339,6 @@ def main() -> None:
                 measured += [(model, kind, k, "torch fp32 GEMM + topk", shape), (model, kind, k, "numba", shape)]
         rows += dask_rows(model, args)
     rows += extraction_rows(args)
-    if not any(r.operation.startswith("dask") for r in rows):
-        notes.append(
-            "dask with 2 workers and the --lens-topk extraction cost: not measured yet (hooks dask_rows, extraction_rows)"
-        )
     notes.append(contention.note())
     for model, kind, k, backend, shape in measured:
         if kind == "middle":  # the memory of a call does not depend on the data much
