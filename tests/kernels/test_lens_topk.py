@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 from fractions import Fraction
 
 import numpy as np
@@ -209,6 +210,15 @@ def test_cpu_flat_and_zero_rows():
         assert stats.fallback[4] and stats.candidates[4] == 3000
 
 
+def test_cpu_fallback_in_blocks():
+    """More rows than one fallback block (64) screened again in fp32: each lands in its place."""
+    hidden, weight = _inputs(150, 48, 500, torch.float32, seed=11)
+    want = reference.lens_topk(hidden, weight, 3)
+    values, ids, stats = cpu.topk(hidden, cpu.prepare(weight), 3, cap=3)
+    assert stats.fallback.sum() > 64
+    assert torch.equal(ids, want[1]) and torch.equal(values, want[0])
+
+
 def test_cpu_screen_survives_outlier_dims():
     """Hidden states with a few channels 30x the rest (as in LLaMA-family models): the screen
     works in a rotated basis that spreads them out, so the int8 screen alone still certifies
@@ -241,8 +251,23 @@ def test_prepared_unembedding_is_reused(backend, device):
     assert torch.equal(first[1], second[1])
     if backend == "numba":
         assert "numba" in prepared._derived  # built once, kept
+    tensor = weight.to(device)
+    assert prepare_unembedding(tensor) is prepare_unembedding(tensor)  # the last tensor is remembered
+    before = prepare_unembedding(tensor)
+    tensor.mul_(2)  # an in-place change bumps the version: wrapped anew
+    assert prepare_unembedding(tensor) is not before
     from_numpy = lens_topk(hidden.to(device), weight.numpy(), 2, backend=backend) if device.type == "cpu" else first
     assert torch.equal(from_numpy[1].cpu(), first[1].cpu())
+
+
+def test_prepared_unembedding_pickles_without_derived_data():
+    """A LensUnembedding sent to another process carries the matrix, not its int8 form."""
+    hidden, weight = _inputs(6, 32, 120, torch.float16, seed=12)
+    prepared = prepare_unembedding(weight)
+    want = lens_topk(hidden, prepared, 3, backend="numba")
+    copy = pickle.loads(pickle.dumps(prepared))
+    assert copy._derived == {} and torch.equal(copy.weight, weight)
+    assert torch.equal(lens_topk(hidden, copy, 3, backend="numba")[1], want[1])
 
 
 def test_input_errors():

@@ -2,25 +2,35 @@
 re-scoring of only the candidates the bound cannot rule out.
 
 Ids and values equal the reference's (reference.py: v_ij = RN32(z_ij), z_ij = x_i . w_j
-exactly; larger value first, then smaller id), whatever the data.
+exactly; larger value first, then smaller id), whatever the data. Proof:
 
-Screen. Per row, x_i = sx_i qx_i + ex_i with qx_i int8 (sx_i = max|x_i| / 127); per vocabulary
-row, w_j = sw_j qw_j + ew_j (prepared once). Then exactly
-    z_ij = sx_i sw_j (qx_i . qw_j) + sx_i (qx_i . ew_j) + ex_i . w_j,
-and by Cauchy-Schwarz the last two terms are at most
-    E_ij = sx_i |qx_i| |ew_j| + |ex_i| |w_j|.
-qx_i . qw_j is an integer (an int8 GEMM: VNNI); the norms come once per row and per vocabulary
-row, in fp64 from exact residuals. So |z_ij - s_ij| <= E_ij for s_ij = sx_i sw_j (qx_i . qw_j).
-(oneDNN returns the integer as fp32, off by at most rho_j = 2^-22 * 383 * |qw_j|_1: three fp32
-roundings of sums of magnitude at most 383 |qw_j|_1 (u8 codes up to 255 and the zero point 128);
-as a nonzero row has an entry +-127, sx_i sw_j rho_j <= sx_i |qx_i| sw_j rho_j / 127, which is
-added to |ew_j|.) Every fp64 bound is inflated by 2^-20 of itself and 2^-50 of the value it
-bounds, far more than its own rounding error (relative, below d 2^-53).
+Rotation. The screen works on x' = H D x and w' = H D w (D: fixed random signs; H: the
+Hadamard transform on blocks of up to 256 dims, scaled by a power of two to be orthogonal), so
+that x' . w' = x . w, while a few large channels (as LLaMA-family hidden states have) are spread
+over a block instead of setting the int8 scale of the whole row. x' and w' are computed in fp32:
+each of the log2(block) <= 8 butterfly stages rounds once per element, so |x'_c - x'| <=
+8 2^-24 |x| (likewise for w), and |x . w - x'_c . w'_c| <= 2^-18 |x| |w|, added to E below.
 
-fp32 intervals. An fp32 dot product of x_i (fp32) and w_j (widened exactly) summed in any order,
-with or without FMA, is within gamma32_(d+1) sum_t |x_it w_jt| <= gamma32_(d+1) |x_i| |w_j| of
-z_ij (Higham, Accuracy and Stability of Numerical Algorithms, eq. 3.5; gamma_n = n u / (1 - n u),
-u = 2^-24): an interval [lo_ij, hi_ij] around z_ij.
+Screen. Per row, x'_i = sx_i qx_i + ex_i with qx_i int8 (sx_i = max|x'_i| / 127); per vocabulary
+row, w'_j = sw_j qw_j + ew_j (prepared once). Then exactly
+    x'_i . w'_j = sx_i sw_j (qx_i . qw_j) + sx_i (qx_i . ew_j) + ex_i . w'_j,
+and by Cauchy-Schwarz the last two terms are at most sx_i |qx_i| |ew_j| + |ex_i| |w_j|, so
+    |z_ij - s_ij| <= E_ij = sx_i |qx_i| |ew_j| + (|ex_i| + 2^-18 |x_i|) |w_j|
+for s_ij = sx_i sw_j (qx_i . qw_j). qx_i . qw_j is an integer (an int8 GEMM: VNNI); the norms
+come once per row and per vocabulary row, in fp64 from the residuals. (oneDNN returns the
+integer as fp32, off by at most rho_j = 2^-22 * 383 * |qw_j|_1: three fp32 roundings of sums of
+magnitude at most 383 |qw_j|_1 (u8 codes up to 255, zero point 128); as a nonzero row has an
+entry +-127, sx_i sw_j rho_j <= sx_i |qx_i| sw_j rho_j / 127, which is added to |ew_j|.) The
+scans evaluate s_ij + E_ij in fp32 from terms rounded up (inflated by 2^-20), and inflate the
+result by 2^-18 of each part, beyond the few fp32 roundings of the evaluation; fp64 bounds are
+inflated by 2^-20 of themselves and 2^-50 of the value they bound (their rounding: d 2^-53).
+
+fp32 intervals. An fp32 dot product of d terms, summed in any order with or without FMA, is
+within gamma32_(d+1) sum_t |a_t b_t| <= gamma32_(d+1) |a| |b| of the exact one (Higham, Accuracy
+and Stability of Numerical Algorithms, eq. 3.5; gamma_n = n u / (1 - n u), u = 2^-24). Step (3)
+reads x_i rounded to fp16 (half the bytes), |x_i - x16_i| = dx_i computed exactly, so
+|z_ij - fl(x16_i . w_j)| <= dx_i |w_j| + gamma32_(d+1) (|x_i| + dx_i) |w_j|: an interval
+[lo_ij, hi_ij] around z_ij.
 
 Certificate, per row (lemma: if k ids have values >= T, any id with z < pred32(T) has v < T
 and cannot be in the top k, whatever the ties, as RN32 is monotone).
@@ -41,7 +51,9 @@ same classical-summation bound) and certified the same way with no cap.
 
 Order of work. (1)-(2) scan each row of the screen; (3) runs over the candidate pairs in
 vocabulary order, so an unembedding row is read from memory once for all the rows that need it
-(half the time of reading it once per pair); (4) runs per row.
+(half the time of reading it once per pair); (4) runs per row. Measured (bench/lens.py, one
+7B layer of 576 rows, one thread): int8 GEMM 0.28 s of ~0.32 s (k = 1) to ~0.40 s (k = 10, flat
+logits: ~190 candidates per row), against 1.1 s for the fp32 GEMM + topk.
 """
 
 from __future__ import annotations
@@ -63,6 +75,7 @@ SLACK = 2.0**-20
 CAP = 2048  # candidates a row may keep before it falls back to the fp32 screen
 ROW_BLOCK = 1024  # rows per int8 GEMM: bounds the (rows, vocab) screen in memory
 _VOCAB_BLOCK = 4096
+_FALLBACK_BLOCK = 64  # rows screened again at a time (their candidates may span the vocabulary)
 
 
 @dataclass(frozen=True)
@@ -113,59 +126,75 @@ def rotation(d: int) -> tuple[np.ndarray, int]:
     """The screen's basis change: random signs (fixed seed) and the Hadamard transform on blocks
     of `block` dims (the largest of 256, 64, 16, 4, 1 dividing d: 1/sqrt(block) is a power of two)."""
     block = next(b for b in (256, 64, 16, 4, 1) if d % b == 0)
-    return np.random.default_rng(0).choice(np.array([-1.0, 1.0]), size=d), block
+    return np.random.default_rng(0).choice(np.array([-1.0, 1.0], np.float32), size=d), block
 
 
-@njit(cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def _rotate(row, signs, block, out):
-    """out = H D row in fp64: signs, then an unnormalised Hadamard butterfly per block, scaled."""
+    """out = H D row in fp32: signs, a Hadamard butterfly per block (the first two stages as one
+    radix-4 step), scaled by 1/sqrt(block), a power of two. Error: at most log2(block) 2^-24 |row|
+    (each stage rounds once per element and the transform is orthogonal up to that scale)."""
     for t in range(row.size):
-        out[t] = signs[t] * np.float64(to_f32(row[t]))
-    for b0 in range(0, out.size, block):
-        h = 1
-        while h < block:
-            for i in range(b0, b0 + block, 2 * h):
-                for j in range(i, i + h):
-                    u, v = out[j], out[j + h]
-                    out[j], out[j + h] = u + v, u - v
-            h *= 2
-    scale = 1.0 / math.sqrt(block)
+        out[t] = signs[t] * to_f32(row[t])
+    if block >= 4:
+        for i in range(0, out.size, 4):
+            a, b, c, e = out[i], out[i + 1], out[i + 2], out[i + 3]
+            out[i], out[i + 1], out[i + 2], out[i + 3] = (
+                (a + b) + (c + e),
+                (a - b) + (c - e),
+                (a + b) - (c + e),
+                (a - b) - (c - e),
+            )
+    h = 4
+    while h < block:
+        for i in range(0, out.size, 2 * h):
+            for t in range(h):
+                u, v = out[i + t], out[i + h + t]
+                out[i + t], out[i + h + t] = u + v, u - v
+        h *= 2
+    scale = np.float32(1.0 / math.sqrt(block))
     for t in range(out.size):
         out[t] *= scale
 
 
 @njit(parallel=True, cache=True)
 def _quantize(x, signs, block, out, offset, scale, q2, q1, e2, x2):
-    """Per row of x (fp16/bf16 bits or fp32), rotated (x' = H D x in fp64, see `rotation`):
+    """Per row of x (fp16/bf16 bits or fp32), rotated (x' = H D x in fp32, see `rotation`):
     scale = max|x'| / 127, out = round(x' / scale) + offset (int8 codes, or u8 with offset 128),
     and in fp64 |q|, |q|_1, |x' - scale q| and |x|. False if x is not finite."""
     rows, d = x.shape
     finite = np.ones(rows, np.bool_)
     for i in prange(rows):
-        xsq = 0.0
-        for t in range(d):
-            v = np.float64(to_f32(x[i, t]))
-            xsq += v * v
-        if not xsq < np.inf:  # NaN fails too
-            finite[i] = False
-            continue
-        rotated = np.empty(d)
+        rotated = np.empty(d, np.float32)
         _rotate(x[i], signs, block, rotated)
-        top = 0.0
-        for t in range(d):
-            top = max(top, abs(rotated[t]))
-        s = top / 127
-        inverse = 1.0 / s if s > 0 else 0.0
-        sq = l1 = esq = 0.0
-        for t in range(d):
-            q = min(max(np.rint(rotated[t] * inverse), -127.0), 127.0)
-            out[i, t] = q + offset
-            e = rotated[t] - s * q
-            sq += q * q
-            l1 += abs(q)
-            esq += e * e
-        scale[i], q2[i], q1[i], e2[i], x2[i] = s, math.sqrt(sq), l1, math.sqrt(esq), math.sqrt(xsq)
+        finite[i], scale[i], q2[i], q1[i], e2[i], x2[i] = _codes(x[i], rotated, out[i], offset)
     return finite.all()
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _codes(row, rotated, out, offset):
+    xsq = 0.0
+    for t in range(row.size):
+        v = np.float64(to_f32(row[t]))
+        xsq += v * v
+    top = np.float32(0)
+    for t in range(rotated.size):
+        top = max(top, abs(rotated[t]))
+    if not (xsq < np.inf and top < np.inf):  # NaN fails too
+        return False, 0.0, 0.0, 0.0, 0.0, 0.0
+    s = top / np.float32(127)
+    inverse = np.float32(1) / s if s > 0 else np.float32(0)
+    s64 = np.float64(s)
+    sq = l1 = esq = 0.0
+    for t in range(rotated.size):
+        q = min(max(np.rint(rotated[t] * inverse), np.float32(-127)), np.float32(127))
+        out[t] = q + offset
+        q64 = np.float64(q)
+        e = np.float64(rotated[t]) - s64 * q64
+        sq += q64 * q64
+        l1 += abs(q64)
+        esq += e * e
+    return True, s64, math.sqrt(sq), l1, math.sqrt(esq), math.sqrt(xsq)
 
 
 def prepare(weight: torch.Tensor, gemm: str = "auto") -> Prepared:
@@ -189,7 +218,7 @@ def prepare(weight: torch.Tensor, gemm: str = "auto") -> Prepared:
 
 def _screen(x: torch.Tensor, prep: Prepared) -> tuple[torch.Tensor, tuple, np.ndarray]:
     """The int8 screen of rows x (R, d) fp32: qx' . qw'_j (fp32 or int32), its bound terms
-    (sx, sw, sx |qx'|, |ew'|, |ex'| + 2^-38 |x|, |w|) and |x|."""
+    (sx, sw, sx |qx'|, |ew'|, |ex'| + 2^-18 |x|, |w|) and |x|."""
     rows = x.shape[0]
     sx, q2, l1, ex, xn = (np.empty(rows) for _ in range(5))
     onednn = prep.gemm == "onednn"
@@ -198,7 +227,7 @@ def _screen(x: torch.Tensor, prep: Prepared) -> tuple[torch.Tensor, tuple, np.nd
     if not _quantize(x.numpy(), signs, block, codes.numpy(), 128 if onednn else 0, sx, q2, l1, ex, xn):
         raise ValueError("the normed hidden rows hold NaN or infinite values")
     screen = _onednn_gemm(codes, prep.packed, prep.sw.size) if onednn else torch._int_mm(codes, prep.packed.T)
-    return screen, (sx, prep.sw, sx * q2, prep.p, ex + 2.0**-38 * xn, prep.q), xn
+    return screen, (sx, prep.sw, sx * q2, prep.p, ex + 2.0**-18 * xn, prep.q), xn
 
 
 def _fp32_screen(x: torch.Tensor, prep: Prepared) -> tuple[torch.Tensor, tuple, np.ndarray]:
@@ -220,20 +249,21 @@ _BIG = 1.7976931348623157e308
 
 @njit(fastmath=FASTMATH, cache=True)
 def _dot32(x, w):
-    """fp32 dot product of an fp32 row and a stored row, vectorised in any order."""
+    """fp32 dot product of two stored rows (fp16/bf16 bits or fp32), vectorised in any order."""
     acc = np.float32(0)
     for t in range(x.size):
-        acc += x[t] * to_f32(w[t])
+        acc += to_f32(x[t]) * to_f32(w[t])
     return acc
 
 
 @njit(cache=True)
-def _interval(x, w, x_norm, w_norm):
-    """[lo, hi] around x . w (exact) from `_dot32`: see "fp32 intervals" above."""
+def _interval(x, w, x_norm, w_norm, rounding):
+    """[lo, hi] around x_true . w (exact) from `_dot32(x, w)`, where x (fp32, or fp16 bits) is
+    within `rounding` of x_true (|x_true| = x_norm): see "fp32 intervals" above."""
     acc = np.float64(_dot32(x, w))
     n = x.size + 1
     gamma = n * U32 / (1.0 - n * U32)
-    delta = gamma * x_norm * w_norm * (1.0 + SLACK) + abs(acc) * 2.0**-50
+    delta = (gamma * (x_norm + rounding) + rounding) * w_norm * (1.0 + SLACK) + abs(acc) * 2.0**-50
     return acc - delta, acc + delta
 
 
@@ -316,48 +346,53 @@ def _top_screen(row, sw, k):
 
 @njit(fastmath=_SCAN, cache=True)
 def _upper(screen, si, swj, ai, pj, bi, qj):
-    """s_ij + E_ij, inflated past the rounding of its own evaluation (in any order)."""
-    s = np.float64(screen) * si * swj
-    return s + (ai * pj + bi * qj) * (1.0 + SLACK) + abs(s) * 2.0**-50
+    """s_ij + E_ij in fp32 from fp32 terms (a, p, b, q rounded up), inflated past the rounding
+    of its own evaluation in any order (a few fp32 roundings: under 2^-21 of each part)."""
+    s = np.float32(screen) * (si * swj)
+    return s + (ai * pj + bi * qj) * np.float32(1 + 2.0**-18) + abs(s) * np.float32(2.0**-18)
 
 
 @njit(fastmath=_SCAN, cache=True)
-def _block_hits(row, si, sw, ai, p, bi, q, m):
-    """How many of a block's ids (slices) have s + E >= m."""
+def _block_hits(row, si, sw, ai, p, bi, q, m, hit):
+    """hit[t] = (s + E >= m) over a block's ids (slices), and how many."""
     hits = 0
     for t in range(row.size):
-        hits += _upper(row[t], si, sw[t], ai, p[t], bi, q[t]) >= m
+        hit[t] = _upper(row[t], si, sw[t], ai, p[t], bi, q[t]) >= m
+        hits += hit[t]
     return hits
 
 
 @njit(cache=True)
-def _candidates_row(i, x, w, screen, sx, sw, a, p, b, q, xn, k, ids, counts, cuts):
-    """Steps (1) and (2) for row i: candidate ids (up to the capacity of `ids`), their count, m."""
+def _candidates_row(i, x, w, screen, sx, sw, a, p, b, q, xn, wn, k, ids, counts, cuts):
+    """Steps (1) and (2) for row i: candidate ids (up to the capacity of `ids`), their count, m.
+    The scans run in fp32 (the bound terms sx..q are fp32 here, rounded up where they bound)."""
     xi, row = x[i], screen[i]
     top = _top_screen(row, sw, k)
     lows = np.empty(k)
     for r in range(k):
-        lows[r] = _interval(xi, w[top[r]], xn[i], q[top[r]])[0]
+        lows[r] = _interval(xi, w[top[r]], xn[i], wn[top[r]], 0.0)[0]
     m = _cut(lows, k)
+    cuts[i] = m
+    m = np.float32(m - abs(m) * 2.0**-20 - 2.0**-140)  # an fp32 at most m
     n = 0
     si, ai, bi, cap = sx[i], a[i], b[i], ids.shape[1]
+    hit = np.empty(_BLOCK, np.bool_)
     for j0 in range(0, row.size, _BLOCK):
         j1 = min(j0 + _BLOCK, row.size)
-        if _block_hits(row[j0:j1], si, sw[j0:j1], ai, p[j0:j1], bi, q[j0:j1], m) == 0:
+        if _block_hits(row[j0:j1], si, sw[j0:j1], ai, p[j0:j1], bi, q[j0:j1], m, hit) == 0:
             continue
-        for j in range(j0, j1):
-            if _upper(row[j], si, sw[j], ai, p[j], bi, q[j]) >= m:
+        for t in range(j1 - j0):
+            if hit[t]:
                 if n < cap:
-                    ids[i, n] = j
+                    ids[i, n] = j0 + t
                 n += 1
     counts[i] = n
-    cuts[i] = m
 
 
 @njit(parallel=True, cache=True)
-def _candidates(x, w, screen, sx, sw, a, p, b, q, xn, k, ids, counts, cuts):
+def _candidates(x, w, screen, sx, sw, a, p, b, q, xn, wn, k, ids, counts, cuts):
     for i in prange(screen.shape[0]):
-        _candidates_row(i, x, w, screen, sx, sw, a, p, b, q, xn, k, ids, counts, cuts)
+        _candidates_row(i, x, w, screen, sx, sw, a, p, b, q, xn, wn, k, ids, counts, cuts)
 
 
 @njit(cache=True)
@@ -382,14 +417,38 @@ def _by_vocabulary(ids, counts, vocab):
 
 
 @njit(parallel=True, cache=True)
-def _intervals(x, w, xn, q, ids, rows, slots, chunks, lo, hi):
-    """Step (3)'s fp32 intervals for the pairs (rows, slots), taken in their (vocabulary) order."""
+def _intervals(x, xn, dx, w, q, ids, rows, slots, chunks, lo, hi):
+    """Step (3)'s fp32 intervals for the pairs (rows, slots), taken in their (vocabulary) order;
+    x: the rows as fp16 bits (|x_i - x16_i| <= dx_i: half the bytes to read per pair) or fp32."""
     n = rows.size
     for c in prange(chunks):
         for t in range(c * n // chunks, (c + 1) * n // chunks):
             i, s = rows[t], slots[t]
             j = ids[i, s]
-            lo[i, s], hi[i, s] = _interval(x[i], w[j], xn[i], q[j])
+            lo[i, s], hi[i, s] = _interval(x[i], w[j], xn[i], q[j], dx[i])
+
+
+def _half_rows(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """x as fp16 bits and |x_i - fp16(x_i)| per row (fp64, inflated); x itself (fp32) and 0 where
+    fp16 would overflow."""
+    half = x.half()
+    if bool(torch.isinf(half).any()):
+        return x.numpy(), np.zeros(x.shape[0])
+    bits = as_numpy(half)
+    return bits, _distance(x.numpy(), bits) * (1 + SLACK)
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _distance(x, y):
+    """|x_i - y_i| per row in fp64 (y: stored rows)."""
+    out = np.empty(x.shape[0])
+    for i in prange(x.shape[0]):
+        total = 0.0
+        for t in range(x.shape[1]):
+            e = np.float64(x[i, t]) - np.float64(to_f32(y[i, t]))
+            total += e * e
+        out[i] = math.sqrt(total)
+    return out
 
 
 @njit(cache=True)
@@ -421,19 +480,34 @@ def _certified(
     """Steps (1)-(4) for rows x: (ids, exact values, how many per row) of the ids left, candidates
     per row (more than cap: not certified here), and how many pairs math.fsum summed."""
     rows = x.shape[0]
-    ids = np.zeros((rows, cap), np.int64)
+    ids = np.empty((rows, cap), np.int64)
     counts, cuts = np.zeros(rows, np.int64), np.zeros(rows)
     w, xs = as_numpy(prep.weight), x.numpy()
-    _candidates(xs, w, screen.numpy(), *bounds, xn, k, ids, counts, cuts)
+    sx, sw, a, p, b, q = bounds
+    up = 1 + 2.0**-20  # rounding to fp32 can lose 2^-24: terms that bound stay bounds
+    scan = (sx.astype(np.float32), sw.astype(np.float32), *((t * up).astype(np.float32) for t in (a, p, b, q)))
+    _candidates(xs, w, screen.numpy(), *scan, xn, prep.q, k, ids, counts, cuts)
     pair_rows, pair_slots = _by_vocabulary(ids, counts, w.shape[0])
     lo, hi = np.empty((rows, cap)), np.empty((rows, cap))
-    _intervals(xs, w, xn, prep.q, ids, pair_rows, pair_slots, 8 * numba.get_num_threads(), lo, hi)
-    values, sure, kept = np.zeros((rows, cap), np.float32), np.zeros((rows, cap), np.bool_), np.zeros(rows, np.int64)
+    x16, dx = _half_rows(x)
+    _intervals(x16, xn, dx, w, prep.q, ids, pair_rows, pair_slots, 8 * numba.get_num_threads(), lo, hi)
+    values, sure, kept = np.empty((rows, cap), np.float32), np.empty((rows, cap), np.bool_), np.zeros(rows, np.int64)
     _finish(xs, w, k, ids, counts, cuts, lo, hi, values, sure, kept)
-    unsure = np.argwhere((np.arange(cap)[None, :] < kept[:, None]) & ~sure)
+    unsure = _unsure(sure, kept)
     for i, c in unsure:
         values[i, c] = exact_dot(xs[i], _widen(w[ids[i, c]]))
     return ids, values, kept, counts, len(unsure)
+
+
+@njit(cache=True)
+def _unsure(sure, kept):
+    """(row, slot) of the kept values whose rounding was not certain."""
+    out = []
+    for i in range(kept.size):
+        for c in range(kept[i]):
+            if not sure[i, c]:
+                out.append((i, c))
+    return out
 
 
 def _widen(row: np.ndarray) -> np.ndarray:
@@ -480,12 +554,12 @@ def topk(x: torch.Tensor, prep: Prepared, k: int, *, cap: int = CAP) -> tuple[to
         cand, vals, kept, n, unsure = _certified(xb, prep, screen, bounds, xn, k, cap)
         del screen
         _select(cand, vals, kept, k, values[r0 : r0 + ROW_BLOCK], ids[r0 : r0 + ROW_BLOCK])
-        wide = np.flatnonzero(n > cap)
-        if wide.size:  # flat rows: screen again in fp32
-            screen, bounds, xn = _fp32_screen(xb[torch.from_numpy(wide)], prep)
-            cand, vals, kept, n[wide], more = _certified(
-                xb[torch.from_numpy(wide)], prep, screen, bounds, xn, k, prep.weight.shape[0]
-            )
+        flat_rows = np.flatnonzero(n > cap)
+        for w0 in range(0, flat_rows.size, _FALLBACK_BLOCK):  # screen these again, in fp32
+            wide = flat_rows[w0 : w0 + _FALLBACK_BLOCK]
+            xw = xb[torch.from_numpy(wide)]
+            screen, bounds, xn = _fp32_screen(xw, prep)
+            cand, vals, kept, n[wide], more = _certified(xw, prep, screen, bounds, xn, k, prep.weight.shape[0])
             unsure += more
             fallback[r0 + wide] = True
             top_values, top_ids = np.empty((wide.size, k), np.float32), np.empty((wide.size, k), np.int64)

@@ -20,7 +20,7 @@ from vislens.kernels.lens_topk import eager
 from vislens.kernels.lens_topk.spec import LensNorm
 
 _NONE, _RMS, _LAYER = 0, 1, 2
-_EMPTY = -(2**62)  # below every key of a finite fp32 value
+_EMPTY = tl.constexpr(-(2**62))  # below every key of a finite fp32 value (kernels read only constexpr globals)
 
 
 @triton.jit
