@@ -227,7 +227,7 @@ def test_ablation_through_the_cluster_equals_a_single_process_run_and_so_does_it
     remote = ["--scheduler", cluster.scheduler.address, "--storage-options", json.dumps(s3)]
     with get_task_stream(cluster) as stream:
         assert main([*_ablate(toy_models["gqa"], manifest, url), *remote]) == 0
-    assert len({t["key"] for t in stream.data if "vislens-run_ablation_shard" in str(t["key"])}) == 2
+    assert len({t["key"] for t in stream.data if "vislens-ablate" in str(t["key"])}) == 2
     assert main(_ablate(toy_models["gqa"], manifest, local)) == 0
     ours, theirs = open_store(url, s3)["ablation"].to_dataset(), open_store(local)["ablation"].to_dataset()
     assert (ours["done"].values == DONE).all()

@@ -57,6 +57,7 @@ def ablate_on_cluster(
         config,
         client,
         run=run_ablation_shard,
+        name="ablate",
         ready=_group_ready,
         remove=_remove_group,
         shards=shards,

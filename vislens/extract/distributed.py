@@ -108,6 +108,7 @@ def run_sharded(
     client: Any,
     *,
     run: Callable[[Any], Any],
+    name: str,
     ready: Callable[[Any], bool],
     remove: Callable[[Any], None],
     shards: int | None = None,
@@ -115,7 +116,8 @@ def run_sharded(
     poll_s: float = 0.5,
 ) -> list[Any]:
     """``run(config with shard i/n)`` for every shard as tasks of ``client``'s cluster: shard 0 first,
-    the others once ``ready(config)`` (shard 0 has created what they write into). Returns the
+    the others once ``ready(config)`` (shard 0 has created what they write into); task keys
+    are ``vislens-{name}-{tag}-{i}of{n}``. Returns the
     shards' results in shard order. With ``config.overwrite``, ``remove(config)`` runs here once
     first, so that a retried shard resumes instead of deleting its own work again.
 
@@ -143,7 +145,6 @@ def run_sharded(
         for i in range(n)
     ]
     options: dict[str, Any] = {"pure": False, "resources": {resource: 1} if gpus else None}
-    name = getattr(run, "__name__", "shard")
     first = client.submit(run, configs[0], key=f"vislens-{name}-{tag}-0of{n}", priority=1, **options)
     while not ready(config):  # shard 0 creates the store; the others are submitted once it is there
         if first.done():
@@ -185,6 +186,7 @@ def extract_on_cluster(
         config,
         client,
         run=run_shard,
+        name="extract",
         ready=_store_ready,
         remove=_remove_store,
         shards=shards,
