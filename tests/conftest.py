@@ -42,6 +42,26 @@ def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_synthetic(tmp_path_factory.mktemp("data"), n=6, seed=3)
 
 
+S3_BUCKET = "vislens-test"
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A moto S3 server on 127.0.0.1 (a real S3 API over HTTP, reachable from worker processes),
+    with the bucket `S3_BUCKET`; yields the fsspec storage options."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server._server.server_port}"
+    boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1"
+    ).create_bucket(Bucket=S3_BUCKET)
+    yield {"key": "test", "secret": "test", "endpoint_url": endpoint, "client_kwargs": {"region_name": "us-east-1"}}
+    server.stop()
+
+
 @pytest.fixture
 def write_manifest(tmp_path: Path):
     """Write manifest lines (dicts or raw strings) to a file and return its path."""

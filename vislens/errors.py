@@ -60,3 +60,11 @@ class BackendUnavailableError(VislensError, RuntimeError):
 
 class ConfigError(VislensError, ValueError):
     """Options that contradict each other or are out of range."""
+
+
+class ClusterError(VislensError, RuntimeError):
+    """A Dask cluster cannot be reached, has no workers, or its workers cannot read a store."""
+
+
+class StoreLockedError(VislensError, RuntimeError):
+    """Another live writer holds samples of the same store (two runs started on it by mistake)."""

@@ -11,31 +11,15 @@ import shutil
 import ssl
 import threading
 
-import boto3
 import numpy as np
 import pytest
-from moto.server import ThreadedMotoServer
 
+from tests.conftest import S3_BUCKET as BUCKET
 from tests.helpers import self_signed_certificate
 from tests.store.conftest import extract_config
 from vislens.analyze import cosine
 from vislens.extract import extract
 from vislens.store import open_store
-
-BUCKET = "vislens-test"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on 127.0.0.1, started and stopped here; yields storage options."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{server._server.server_port}"
-    boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1"
-    ).create_bucket(Bucket=BUCKET)
-    yield {"key": "test", "secret": "test", "endpoint_url": endpoint, "client_kwargs": {"region_name": "us-east-1"}}
-    server.stop()
 
 
 class RangeHandler(http.server.SimpleHTTPRequestHandler):

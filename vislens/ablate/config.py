@@ -14,7 +14,21 @@ METHODS = ("shared", "naive")
 N_DEFAULT_PROMPTS = 5
 
 # options that do not change what ends up in the store (free to differ on a resume)
-RUNTIME_ONLY = ("out", "group", "batch_size", "device", "method", "overwrite", "strict", "progress", "storage_options")
+RUNTIME_ONLY = (
+    "out",
+    "group",
+    "batch_size",
+    "device",
+    "method",
+    "overwrite",
+    "strict",
+    "progress",
+    "storage_options",
+    "block",
+    "shard",
+    "writer_id",
+    "wait_s",
+)
 
 
 @dataclass(frozen=True)
@@ -51,6 +65,12 @@ class AblateConfig:
     overwrite: bool = False
     strict: bool = False
     progress: bool = True
+    block: int = 64
+    """Images per file of the (sample, prompt) arrays of a new group; ``--shard`` writers own whole blocks."""
+    shard: tuple[int, int] = (0, 1)
+    writer_id: str | None = None
+    """Names this writer's claim on the group (`vislens.store.claims`); None: a new id per run."""
+    wait_s: float = 600.0
     storage_options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -70,6 +90,10 @@ class AblateConfig:
             raise ConfigError("--ks applies to --mode truncate; masking takes --intervals or --interval-width")
         if self.intervals is not None and self.interval_width is not None:
             raise ConfigError("give --intervals or --interval-width, not both")
+        if self.block < 1:
+            raise ConfigError(f"--block must be at least 1, got {self.block}")
+        if not 0 <= self.shard[0] < self.shard[1]:
+            raise ConfigError(f"--shard i/n needs 0 <= i < n, got {self.shard[0]}/{self.shard[1]}")
         if self.caption_index < 0:
             raise ConfigError(f"--caption-index must be 0 or more, got {self.caption_index}")
 

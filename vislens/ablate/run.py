@@ -108,6 +108,7 @@ def _spec(
         start=settings.start,
         stop=settings.stop,
         token_loss=config.token_loss,
+        block=config.block,
     )
     provenance = {
         "model": model_attrs(loaded),
@@ -216,13 +217,38 @@ def ablate(config: AblateConfig, *, loaded: LoadedModel | None = None) -> Ablate
     pairs = plan_pairs(data, prompts, loaded.adapter, config.caption_index)
     settings = make_settings(config, max(p.n_image for p in pairs))
     writer = prepare_ablation(
-        location, _spec(config, loaded, data, prompts, pairs, settings), group=config.group, overwrite=config.overwrite
+        location,
+        _spec(config, loaded, data, prompts, pairs, settings),
+        group=config.group,
+        overwrite=config.overwrite,
+        creator=config.shard[0] == 0,
+        wait_s=config.wait_s,
+        shard=config.shard,
+        writer_id=config.writer_id,
     )
-    todo = writer.pending()
-    result = AblateResult(location.url, config.group, len(pairs), len(settings), already_done=len(pairs) - len(todo))
+    try:
+        return _ablate_pairs(config, loaded, data, pairs, settings, writer, begin)
+    finally:
+        writer.close()  # releases the writer's claim
+
+
+def _ablate_pairs(
+    config: AblateConfig,
+    loaded: LoadedModel,
+    data: DataSet,
+    pairs: list[PlannedPair],
+    settings: Settings,
+    writer: AblationWriter,
+    begin: float,
+) -> AblateResult:
+    """Compute and write the pending pairs of ``config.shard``."""
+    todo = writer.pending(config.shard)
+    n_prompts = len(pairs) // len(data.records)
+    owned = len(writer.owned(config.shard)) * n_prompts
+    result = AblateResult(writer.location.url, config.group, owned, len(settings), already_done=owned - len(todo))
     by_sample: dict[int, list[PlannedPair]] = {}
     for s, p in todo:
-        by_sample.setdefault(s, []).append(pairs[s * len(prompts) + p])
+        by_sample.setdefault(s, []).append(pairs[s * n_prompts + p])
     with tqdm(total=len(todo), desc=f"ablate ({config.mode})", unit="pair", disable=not config.progress) as bar:
         for sample, planned in by_sample.items():
             record = data.records[sample]

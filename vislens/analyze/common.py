@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import string
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import pandas as pd
 import xarray as xr
@@ -56,7 +59,18 @@ def finished(ds: xr.Dataset, done: xr.DataArray | None = None) -> xr.Dataset:
                 keep.size,
                 flags.size,
             )
-    return ds.isel(sample=keep)
+    return take_samples(ds, keep)
+
+
+def take_samples(ds: xr.Dataset, positions: np.ndarray) -> xr.Dataset:
+    """``ds.isel(sample=positions)``, without an index when the positions are all or a run of
+    samples, so that Dask's chunks stay the store's own (one task reads one stored sample)."""
+    positions = np.asarray(positions)
+    if positions.size == ds.sizes["sample"] and np.array_equal(positions, np.arange(positions.size)):
+        return ds
+    if positions.size and np.array_equal(positions, np.arange(positions[0], positions[0] + positions.size)):
+        return ds.isel(sample=slice(int(positions[0]), int(positions[0]) + positions.size))
+    return ds.isel(sample=positions)
 
 
 def require_hidden(tree: xr.DataTree, acts: xr.Dataset, analysis: str, alternative: str) -> None:
@@ -169,6 +183,68 @@ def compute(obj: Any, *, progress: bool = False) -> Any:
     persisted = obj.persist()
     distributed_progress(persisted)
     return persisted.compute()
+
+
+def _call_block(func: Callable[..., np.ndarray], n_dummy: int, *blocks: np.ndarray, **kwargs: Any) -> np.ndarray:
+    out = np.asarray(func(*blocks, **kwargs))
+    return out.reshape(out.shape + (1,) * n_dummy)
+
+
+def map_samples(
+    func: Callable[..., np.ndarray],
+    inputs: Sequence[xr.DataArray],
+    core_dims: Sequence[Sequence[str]],
+    output_dims: Sequence[str],
+    *,
+    dtype: Any,
+    output_sizes: Mapping[str, int] | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    name: str | None = None,
+) -> xr.DataArray:
+    """``func(*blocks, **kwargs)`` on blocks of whole samples, lazily (Dask): dims (sample, *output_dims).
+
+    ``inputs[i]`` has dims ``("sample", *core_dims[i])`` (in any order); each block holds every
+    core dimension whole and the samples of one Dask chunk of ``inputs[0]``: one stored sample
+    for the big arrays of a store opened with `vislens.open_store`. ``func`` gets numpy blocks
+    (block, *core_dims[i]) and returns (block, *output_dims); output dimensions that are no
+    input's get their size from ``output_sizes``.
+
+    Unlike ``xarray.apply_ufunc``, the reading of a block and its computation are one task:
+    on a cluster, the worker that computes a sample is the one that reads it from the store,
+    and only results move between workers (`docs/scaling.md`).
+    """
+    output_sizes = dict(output_sizes or {})
+    first = inputs[0]
+    blocks = first.chunksizes["sample"] if first.chunks else (first.sizes["sample"],)
+    letters = iter(string.ascii_lowercase)
+    index: dict[str, str] = {"sample": next(letters)}
+    args: list[Any] = []
+    for array, core in zip(inputs, core_dims, strict=True):
+        array = array.transpose("sample", *core)
+        data = array.data if isinstance(array.data, da.Array) else da.from_array(np.asarray(array.values))
+        data = data.rechunk((blocks, *data.shape[1:]))  # a no-op for the arrays of an opened store
+        args += [data, "".join(index.setdefault(d, next(letters)) for d in ("sample", *core))]
+    new = [d for d in output_dims if d not in index]
+    for dim in new:
+        index[dim] = next(letters)
+    # inputs' dimensions that the output lacks stay in the block's index with size 1, so that no
+    # dimension is contracted and Dask fuses each block's reads into the task that computes on it
+    dummy = [d for d in index if d != "sample" and d not in output_dims]
+    out_index = "".join(index[d] for d in ("sample", *output_dims, *dummy))
+    result = da.blockwise(
+        functools.partial(_call_block, func, len(dummy)),
+        out_index,
+        *args,
+        new_axes={index[d]: output_sizes[d] for d in new},
+        adjust_chunks={index[d]: 1 for d in dummy},
+        dtype=dtype,
+        meta=np.empty((0,) * len(out_index), dtype=dtype),
+        token=name,
+        **dict(kwargs or {}),
+    )
+    result = result[(slice(None),) * (1 + len(output_dims)) + (0,) * len(dummy)]
+    coords = {d: first[d] for d in ("sample", *output_dims) if d in first.coords and d in first.indexes}
+    return xr.DataArray(result, dims=("sample", *output_dims), coords=coords)
 
 
 def as_text(array: xr.DataArray) -> xr.DataArray:

@@ -27,6 +27,7 @@ from vislens.analyze.common import (
     group,
     group_key,
     long_table,
+    map_samples,
     mean_by,
     require_hidden,
     sample_coords,
@@ -96,13 +97,14 @@ def cosine_per_sample(
     *,
     text_tokens: str = "instruction",
     backend: str = "auto",
-    samples_per_task: int = 4,
+    samples_per_task: int = 1,
     source: str = "auto",
 ) -> xr.Dataset:
     """Per finished sample and layer: ``inter_modal``, ``intra_image``, ``intra_text``.
 
-    Lazy (Dask): one task per ``samples_per_task`` samples; call ``.compute()``, or let
-    `cosine` do it, under any Dask scheduler (threads, or a distributed cluster).
+    Lazy (Dask): one task per stored sample (or per ``samples_per_task`` samples), which reads
+    that sample and computes on it; call ``.compute()``, or let `cosine` do it, under any Dask
+    scheduler (threads, or a distributed cluster).
     ``source``: ``auto`` reads the statistics computed during extraction (``--compute cosine``)
     when the store has them, else computes them from the hidden states; ``hidden`` always
     computes; ``results`` always reads.
@@ -121,19 +123,18 @@ def cosine_per_sample(
     if tree is not None:
         require_hidden(tree, acts, "the cosine analysis", "--compute cosine (statistics computed during extraction)")
     selector = _text_selector(acts, text_tokens)
-    chunks = {"sample": samples_per_task, "token": -1}
-    hidden = acts["hidden"].chunk(chunks | {"layer": -1, "d_model": -1})
-    stats = xr.apply_ufunc(
+    hidden = acts["hidden"]
+    if samples_per_task > 1:
+        hidden = hidden.chunk({"sample": samples_per_task})
+    stats = map_samples(
         _block_stats,
-        hidden,
-        selector.chunk(chunks),
-        acts["modality"].chunk(chunks),
-        input_core_dims=[["layer", "token", "d_model"], ["token"], ["token"]],
-        output_core_dims=[["layer", "stat"]],
-        dask="parallelized",
-        output_dtypes=[np.float32],
-        dask_gufunc_kwargs={"output_sizes": {"stat": len(STATS)}},
+        [hidden, selector, acts["modality"]],
+        [["layer", "token", "d_model"], ["token"], ["token"]],
+        ["layer", "stat"],
+        dtype=np.float32,
+        output_sizes={"stat": len(STATS)},
         kwargs={"backend": backend, "text_tokens": text_tokens},
+        name="cosine",
     )
     out = xr.Dataset({name: stats.isel(stat=i, drop=True) for i, name in enumerate(STATS)})
     out.attrs["source"] = "computed from the stored hidden states"
@@ -154,7 +155,7 @@ def cosine(
     text_tokens: str = "instruction",
     by: str = "kind",
     backend: str = "auto",
-    samples_per_task: int = 4,
+    samples_per_task: int = 1,
 ) -> xr.Dataset:
     """Mean over samples of each statistic, per prompt kind or prompt (``by``) and layer.
 

@@ -27,10 +27,12 @@ from vislens.analyze.common import (
     finished,
     group,
     long_table,
+    map_samples,
     mean_by,
     require_hidden,
     sample_coords,
 )
+from vislens.analyze.lens import LensRef, lens_arrays
 from vislens.analyze.words import STOPWORDS, Vocabulary, reference_words, scores
 from vislens.errors import DataError
 from vislens.kernels import lens_topk, prepare_unembedding
@@ -67,14 +69,23 @@ def _prepared(unembedding: np.ndarray) -> Any:
 
 
 def _block_topk(
-    hidden: np.ndarray, modality: np.ndarray, *, lens: dict[str, Any], k: int, normed: np.ndarray, backend: str
+    hidden: np.ndarray,
+    modality: np.ndarray,
+    *,
+    lens: dict[str, Any] | LensRef,
+    k: int,
+    normed: np.ndarray,
+    backend: str,
 ) -> np.ndarray:
     """(s, layer, token, d_model) fp16 -> (s, layer, token, k) int32 top-k ids at image tokens, -1 elsewhere.
 
     ``normed`` (layer,) bool marks the stored layers that already carry the final norm. The top-k
     is `vislens.kernels.lens_topk` (on the CPU its exact path: the ids of fp32 logits, ties to
-    the smaller id), the same kernel extraction uses for ``--compute lens``.
+    the smaller id), the same kernel extraction uses for ``--compute lens``. ``lens``: the
+    arrays of `lens_arrays`, or a `LensRef` to them (read once per process).
     """
+    if isinstance(lens, LensRef):
+        lens = lens.arrays()
     s, n_layers, n_tokens, _ = hidden.shape
     out = np.full((s, n_layers, n_tokens, k), -1, dtype=np.int32)
     unembedding = _prepared(lens["unembedding"])
@@ -99,38 +110,37 @@ def _block_topk(
 
 
 def _lens_arrays(tree: xr.DataTree) -> dict[str, Any]:
-    lens = group(tree, "lens")
-    return {
-        "unembedding": np.asarray(lens["unembedding"].values),
-        "norm_weight": np.asarray(lens["norm_weight"].values, dtype=np.float32),
-        "norm_bias": np.asarray(lens["norm_bias"].values, dtype=np.float32) if "norm_bias" in lens else None,
-        "norm_kind": str(lens.attrs["norm_kind"]),
-        "norm_eps": float(lens.attrs["norm_eps"]),
-    }
+    """The lens of an opened store, read here (in this process)."""
+    return lens_arrays(group(tree, "lens"))
 
 
 def logit_lens_topk(store: StoreLike, k: int = 1, *, backend: str = "auto", samples_per_task: int = 1) -> xr.DataArray:
     """Lazy (Dask) top-k ids of every image token at every layer: (sample, layer, token, rank) int32.
 
-    Only finished samples; non-image positions hold -1.
+    Only finished samples; non-image positions hold -1. One task per stored sample (or per
+    ``samples_per_task`` samples) reads that sample and decodes it. The lens (final norm and
+    unembedding, 250-330 MB at 7B-13B) is not part of the tasks: each process that runs them
+    reads it once from the store and keeps it (`LensRef`), so a cluster's workers each read it
+    once, whatever the number of tasks.
     """
     tree = as_tree(store)
     acts = finished(group(tree, "activations"))
     require_hidden(tree, acts, "the logit lens", "--compute lens (top-k computed during extraction)")
     last = int(tree.attrs.get("model", {}).get("n_layers", int(acts["layer"].values.max())))
     normed = (acts["layer"].values == last) & bool(_normed_last(tree))
-    hidden = acts["hidden"].chunk({"sample": samples_per_task, "layer": -1, "token": -1, "d_model": -1})
-    modality = acts["modality"].chunk({"sample": samples_per_task, "token": -1})
-    return xr.apply_ufunc(
+    hidden = acts["hidden"]
+    if samples_per_task > 1:
+        hidden = hidden.chunk({"sample": samples_per_task})
+    lens = LensRef.of(tree) if "vislens_url" in tree.attrs else _lens_arrays(tree)
+    return map_samples(
         _block_topk,
-        hidden,
-        modality,
-        input_core_dims=[["layer", "token", "d_model"], ["token"]],
-        output_core_dims=[["layer", "token", "rank"]],
-        dask="parallelized",
-        output_dtypes=[np.int32],
-        dask_gufunc_kwargs={"output_sizes": {"rank": k}},
-        kwargs={"lens": _lens_arrays(tree), "k": k, "normed": normed, "backend": backend},
+        [hidden, acts["modality"]],
+        [["layer", "token", "d_model"], ["token"]],
+        ["layer", "token", "rank"],
+        dtype=np.int32,
+        output_sizes={"rank": k},
+        kwargs={"lens": lens, "k": k, "normed": normed, "backend": backend},
+        name="logit_lens_topk",
     ).rename("top_ids")
 
 

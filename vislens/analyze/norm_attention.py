@@ -28,8 +28,10 @@ from vislens.analyze.common import (
     group,
     label,
     long_table,
+    map_samples,
     mean_by,
     sample_coords,
+    take_samples,
 )
 from vislens.errors import StoreFormatError
 from vislens.store import IMAGE, TEXT
@@ -69,6 +71,12 @@ def _block(
     return share, after, last
 
 
+def _packed_block(*blocks: np.ndarray, backend: str) -> np.ndarray:
+    """`_block`'s three results in one array (s, layer, 2 + token): share, after, last query."""
+    share, after, last = _block(*blocks, backend=backend)
+    return np.concatenate([share[..., None], after[..., None], last.astype(np.float64)], axis=-1)
+
+
 STAT_GROUP = "norm_attention"
 """``results/norm_attention``: these statistics computed during extraction (``--compute norm-attention``)."""
 
@@ -84,7 +92,7 @@ def _from_results(tree: xr.DataTree, keep: np.ndarray) -> xr.Dataset | None:
 
 
 def norm_attention_per_sample(
-    store: StoreLike, *, backend: str = "auto", samples_per_task: int = 2, source: str = "auto"
+    store: StoreLike, *, backend: str = "auto", samples_per_task: int = 1, source: str = "auto"
 ) -> xr.Dataset:
     """Lazy per finished sample: ``image_share``, ``image_share_after_image`` (sample, layer) and
     ``last_query`` (sample, layer, token), NaN/0 where a sample has no such query row.
@@ -109,27 +117,25 @@ def norm_attention_per_sample(
             f"--keep {','.join(keep_attrs) or 'none'}): norm-based attention needs it, or --compute norm-attention "
             "during extraction; re-extract with --attention text (or last/all) and --keep attention"
         )
-    attention = group(tree, "attention")
-    acts, attention = acts.sel(sample=keep), attention.sel(sample=keep)
-    chunks = {"sample": samples_per_task}
-    share, after, last = xr.apply_ufunc(
-        _block,
-        attention["attn"].chunk(chunks | {"layer": -1, "head": -1, "query": -1, "token": -1}),
-        attention["value_gram"].chunk(chunks | {"layer": -1, "token": -1, "head": -1, "head2": -1}),
-        attention["query_pos"].chunk(chunks | {"query": -1}),
-        acts["modality"].chunk(chunks | {"token": -1}),
-        acts["n_tokens"].chunk(chunks),
-        input_core_dims=[
-            ["layer", "head", "query", "token"],
-            ["layer", "token", "head", "head2"],
-            ["query"],
-            ["token"],
-            [],
-        ],
-        output_core_dims=[["layer"], ["layer"], ["layer", "token"]],
-        dask="parallelized",
-        output_dtypes=[np.float64, np.float64, np.float32],
+    positions = np.flatnonzero(np.isin(acts["sample"].values, keep))
+    acts, attention = take_samples(acts, positions), take_samples(group(tree, "attention"), positions)
+    attn, gram = attention["attn"], attention["value_gram"]
+    if samples_per_task > 1:
+        attn, gram = attn.chunk({"sample": samples_per_task}), gram.chunk({"sample": samples_per_task})
+    packed = map_samples(
+        _packed_block,
+        [attn, gram, attention["query_pos"], acts["modality"], acts["n_tokens"]],
+        [["layer", "head", "query", "token"], ["layer", "token", "head", "head2"], ["query"], ["token"], []],
+        ["layer", "value"],
+        dtype=np.float64,
+        output_sizes={"value": 2 + attn.sizes["token"]},
         kwargs={"backend": backend},
+        name="norm_attention",
+    )
+    share = packed.isel(value=0, drop=True)
+    after = packed.isel(value=1, drop=True)
+    last = (
+        packed.isel(value=slice(2, None)).rename(value="token").astype(np.float32).drop_vars("token", errors="ignore")
     )
     out = xr.Dataset({"image_share": share, "image_share_after_image": after, "last_query": last})
     out["layer"] = attention["layer"]

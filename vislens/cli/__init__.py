@@ -57,8 +57,9 @@ def quiet_libraries() -> None:
     the INFO logs of Dask's scheduler and workers."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    from vislens.cluster import quiet_dask
+
+    quiet_dask()
 
 
 def main(argv: list[str] | None = None) -> int:

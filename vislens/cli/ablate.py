@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vislens.cli.common import HelpFormatter, storage_options
+from vislens.cli.common import HelpFormatter, add_cluster_options, dask_context, shard, storage_options
 
 
 def _ks(text: str) -> tuple[int, ...]:
@@ -76,6 +76,21 @@ def add_ablate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--method", default="shared", choices=["shared", "naive"], help="naive: one full pass per setting (checking)"
     )
+    p.add_argument(
+        "--block", type=int, default=64, help="images per file of the per-pair arrays; --shard splits whole blocks"
+    )
+    p.add_argument("--shard", type=shard, default=(0, 1), help="this process's share i/n of the images")
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run on an existing Dask cluster (e.g. tcp://host:8786): one model per worker with a GPU resource, "
+        "each filling its own shards of the group (docs/scaling.md)",
+    )
+    p.add_argument(
+        "--shards",
+        type=int,
+        help="with --scheduler: split the images into N shards (default: one per GPU worker, or per worker)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a group made with other arguments")
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
     p.add_argument("--storage-options", help="JSON fsspec options for the store URL")
@@ -112,8 +127,20 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         strict=args.strict,
         progress=not args.no_progress,
         storage_options=storage_options(args.storage_options),
+        block=args.block,
+        shard=args.shard,
     )
-    print(ablate(config).summary())
+    if args.shards is not None and not args.scheduler:
+        raise SystemExit("--shards needs --scheduler (processes you start yourself take --shard i/n)")
+    if not args.scheduler:
+        print(ablate(config).summary())
+        return 0
+    from vislens.ablate.distributed import ablate_on_cluster
+    from vislens.cluster import check_workers, cluster
+
+    with cluster(args.scheduler, verbose=bool(getattr(args, "verbose", False))) as client:
+        check_workers(client)
+        print(ablate_on_cluster(config, client, shards=args.shards).summary())
     return 0
 
 
@@ -131,15 +158,22 @@ def add_ablation_analysis(asub: argparse._SubParsersAction) -> None:
     c.add_argument("--group", default="ablation", help="the ablation group to read")
     c.add_argument("--target", type=float, default=0.7, help="share of the total loss reduction to reach")
     c.add_argument("--storage-options", help="JSON fsspec options for the store URL")
+    add_cluster_options(c)
     c.set_defaults(func=_cmd_ablation)
 
 
 def _cmd_ablation(args: argparse.Namespace) -> int:
     from vislens.analyze.ablation import write_ablation_report
     from vislens.store import open_store
+    from vislens.store.reader import location_of
 
-    tree = open_store(args.store, storage_options(args.storage_options))
-    written = write_ablation_report(tree, Path(args.out), group_name=args.group, target=args.target)
+    with dask_context(args) as client:
+        tree = open_store(args.store, storage_options(args.storage_options))
+        if client is not None:
+            from vislens.cluster import check_workers
+
+            check_workers(client, [location_of(tree)])
+        written = write_ablation_report(tree, Path(args.out), group_name=args.group, target=args.target)
     for path in written.values():
         print(f"wrote {path}")
     return 0

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from vislens.cli.ablate import add_ablation_analysis
-from vislens.cli.common import HelpFormatter, dask_context, storage_options
+from vislens.cli.common import HelpFormatter, add_cluster_options, dask_context, storage_options
 
 BACKENDS = ["auto", "numba", "torch", "triton"]
 
@@ -14,9 +14,7 @@ BACKENDS = ["auto", "numba", "torch", "triton"]
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("stores", nargs="+", metavar="STORE", help="store paths or URLs (several: side by side)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument(
-        "--workers", type=int, default=0, help="run on a local Dask cluster of N worker processes (0: threads)"
-    )
+    add_cluster_options(p)
     p.add_argument("--storage-options", help="JSON fsspec options for the store URLs")
     p.add_argument(
         "--require-complete",
@@ -91,11 +89,18 @@ def add_analyze(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     return asub
 
 
-def _open(args: argparse.Namespace):
+def _open(args: argparse.Namespace, client) -> list:
+    """The stores, opened here; on a cluster, first checked readable by every worker."""
     from vislens.store import open_store
+    from vislens.store.reader import location_of
 
     options = storage_options(args.storage_options)
-    return [open_store(s, options) for s in args.stores]
+    trees = [open_store(s, options) for s in args.stores]
+    if client is not None:
+        from vislens.cluster import check_workers
+
+        check_workers(client, [location_of(t) for t in trees])
+    return trees
 
 
 def _report(written: dict[str, Path]) -> int:
@@ -107,10 +112,10 @@ def _report(written: dict[str, Path]) -> int:
 def _cmd_cosine(args: argparse.Namespace) -> int:
     from vislens.analyze.outputs import write_cosine
 
-    with dask_context(args.workers):
+    with dask_context(args) as client:
         return _report(
             write_cosine(
-                _open(args),
+                _open(args, client),
                 Path(args.out),
                 text_tokens=args.text_tokens,
                 by=args.by,
@@ -123,10 +128,10 @@ def _cmd_cosine(args: argparse.Namespace) -> int:
 def _cmd_logit_lens(args: argparse.Namespace) -> int:
     from vislens.analyze.outputs import write_logit_lens
 
-    with dask_context(args.workers):
+    with dask_context(args) as client:
         return _report(
             write_logit_lens(
-                _open(args),
+                _open(args, client),
                 Path(args.out),
                 top_k=args.top_k,
                 by=args.by,
@@ -141,10 +146,10 @@ def _cmd_norm_attention(args: argparse.Namespace) -> int:
     from vislens.analyze.outputs import write_norm_attention
 
     samples = [s.strip() for s in args.samples.split(",")] if args.samples else None
-    with dask_context(args.workers):
+    with dask_context(args) as client:
         return _report(
             write_norm_attention(
-                _open(args),
+                _open(args, client),
                 Path(args.out),
                 samples=samples,
                 top=args.top,
@@ -181,9 +186,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from vislens.analyze.report import write_report
 
     samples = [s.strip() for s in args.samples.split(",")] if args.samples else None
-    with dask_context(args.workers):
+    with dask_context(args) as client:
         index = write_report(
-            _open(args),
+            _open(args, client),
             Path(args.out),
             top_k=args.top_k,
             samples=samples,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from contextlib import nullcontext
 from typing import Any
 
 
@@ -58,23 +57,22 @@ def kinds(text: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in text.split(",") if k.strip())
 
 
-def dask_context(workers: int):
-    """A local Dask cluster of ``workers`` processes, or the default threads when 0."""
-    if workers <= 0:
-        return nullcontext()
-    import logging
-
-    from distributed import Client, LocalCluster
-
-    quiet = logging.getLogger("vislens").getEffectiveLevel() > logging.INFO
-    if quiet:  # distributed sets its loggers to INFO when imported; -v keeps them
-        for name in ("distributed", "distributed.core", "distributed.http.proxy", "distributed.batched"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-    cluster = LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=None,
-        silence_logs=logging.ERROR if quiet else logging.INFO,
+def add_cluster_options(p: argparse.ArgumentParser) -> None:
+    """``--scheduler ADDRESS`` (an existing Dask cluster) and ``--workers N`` (a local one)."""
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run on an existing Dask cluster: its scheduler's address, e.g. tcp://host:8786 (docs/scaling.md)",
     )
-    return Client(cluster)
+    p.add_argument(
+        "--workers", type=int, default=0, help="run on a local Dask cluster of N worker processes (0: threads)"
+    )
+
+
+def dask_context(args: argparse.Namespace):
+    """The Dask cluster of ``--scheduler`` or ``--workers`` (`vislens.cluster.cluster`), quiet unless -v."""
+    from vislens.cluster import cluster
+
+    return cluster(
+        getattr(args, "scheduler", None), getattr(args, "workers", 0), verbose=bool(getattr(args, "verbose", False))
+    )

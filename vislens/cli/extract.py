@@ -118,6 +118,17 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-bits", type=int, help="LOSSY: keep N of fp16's 10 mantissa bits of hidden states (1-10)")
     p.add_argument("--shard", type=shard, default=(0, 1), help="this process's share i/n of the samples")
     p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run on an existing Dask cluster (e.g. tcp://host:8786): one model per worker with a GPU resource, "
+        "each filling its own shards of the store (docs/scaling.md)",
+    )
+    p.add_argument(
+        "--shards",
+        type=int,
+        help="with --scheduler: split the samples into N shards (default: one per GPU worker, or per worker)",
+    )
+    p.add_argument(
         "--block",
         type=int,
         default=64,
@@ -183,5 +194,15 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         storage_options=storage_options(args.storage_options),
     )
-    print(extract(config).summary())
+    if args.shards is not None and not args.scheduler:
+        raise SystemExit("--shards needs --scheduler (processes you start yourself take --shard i/n)")
+    if not args.scheduler:
+        print(extract(config).summary())
+        return 0
+    from vislens.cluster import check_workers, cluster
+    from vislens.extract.distributed import extract_on_cluster
+
+    with cluster(args.scheduler, verbose=bool(getattr(args, "verbose", False))) as client:
+        check_workers(client)
+        print(extract_on_cluster(config, client, shards=args.shards).summary())
     return 0

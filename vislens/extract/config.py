@@ -57,7 +57,18 @@ def parse_layers(text: str, n_states: int | None = None) -> tuple[int, ...]:
 
 
 # options that do not change what ends up in the store (free to differ on a resume)
-RUNTIME_ONLY = ("out", "batch_size", "device", "shard", "overwrite", "strict", "progress", "storage_options", "wait_s")
+RUNTIME_ONLY = (
+    "out",
+    "batch_size",
+    "device",
+    "shard",
+    "overwrite",
+    "strict",
+    "progress",
+    "storage_options",
+    "wait_s",
+    "writer_id",
+)
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,9 @@ class ExtractConfig:
     strict: bool = False
     progress: bool = True
     wait_s: float = 600.0
+    writer_id: str | None = None
+    """Names this writer's claim on the store (`vislens.store.claims`); a run resumed under the same
+    id (a retried cluster task) takes over its own claim at once. None: a new id per run."""
     storage_options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:

@@ -443,7 +443,13 @@ def extract(config: ExtractConfig, *, loaded: LoadedModel | None = None) -> Extr
 
         context.unembedding = prepare_unembedding(loaded.adapter.unembedding.detach())
     writer = prepare_store(
-        location, spec, overwrite=config.overwrite, creator=config.shard[0] == 0, wait_s=config.wait_s
+        location,
+        spec,
+        overwrite=config.overwrite,
+        creator=config.shard[0] == 0,
+        wait_s=config.wait_s,
+        shard=config.shard,
+        writer_id=config.writer_id,
     )
     todo = writer.pending(config.shard)
     owned = len(shard_blocks(len(plan), spec.layout.block, config.shard))

@@ -20,6 +20,7 @@ fingerprint, so a rerun with other arguments is refused instead of mixing result
 from __future__ import annotations
 
 import datetime as _dt
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,10 +30,10 @@ import xarray as xr
 import zarr
 
 from vislens.errors import StoreFormatError, StoreMismatchError
-from vislens.store import schema
+from vislens.store import claims, schema
 from vislens.store.create import STATUS_CREATING, STATUS_READY, CaptionData, captions_dataset, consolidate, small_codecs
 from vislens.store.location import StoreLocation
-from vislens.store.writer import existing_root
+from vislens.store.writer import existing_root, shard_blocks
 
 GROUP = "ablation"
 MODES = ("truncate", "mask")
@@ -201,14 +202,45 @@ class AblationWriter:
         root = zarr.open_group(location.zarr_store(read_only=False), mode="r+", zarr_format=3, use_consolidated=False)
         self.arrays = dict(root[group].arrays())
         self.done = self.arrays["done"]
+        self.block = int(self.done.chunks[0])
+        """Samples per file of the (sample, prompt) arrays: a ``--shard i/n`` writer owns whole blocks."""
+        self.held: claims.Claim | None = None
 
     def status(self) -> np.ndarray:
         """(sample, prompt) uint8: 0 pending, 1 done, 2 skipped."""
         return np.asarray(self.done[:])
 
-    def pending(self) -> list[tuple[int, int]]:
-        """(sample, prompt) pairs not yet done, sample-major (skipped ones are tried again)."""
-        return [(int(s), int(p)) for s, p in np.argwhere(self.status() != schema.DONE)]
+    def owned(self, shard: tuple[int, int] = (0, 1)) -> np.ndarray:
+        """The samples (images) of shard ``(i, n)``: blocks i, i + n, ... (`shard_blocks`)."""
+        return shard_blocks(int(self.done.shape[0]), self.block, shard)
+
+    def pending(self, shard: tuple[int, int] = (0, 1)) -> list[tuple[int, int]]:
+        """(sample, prompt) pairs of ``shard`` not yet done, sample-major (skipped ones are tried again)."""
+        mine = np.zeros(self.done.shape[0], dtype=bool)
+        mine[self.owned(shard)] = True
+        return [(int(s), int(p)) for s, p in np.argwhere((self.status() != schema.DONE) & mine[:, None])]
+
+    def claim(self, shard: tuple[int, int] = (0, 1), writer_id: str | None = None) -> None:
+        """Claim the blocks of ``shard`` with pending pairs (`vislens.store.claims`); `close` releases it.
+
+        Raises
+        ------
+        StoreLockedError
+            When another live writer of this group holds any of them.
+        """
+        blocks = sorted({s // self.block for s, _ in self.pending(shard)})
+        if not blocks:
+            self.close()
+            return
+        self.held = claims.claim(
+            self.location, self.group, blocks, writer_id=writer_id, what=f"shard {shard[0]}/{shard[1]}"
+        )
+
+    def close(self) -> None:
+        """Release this writer's claim (call once every pair is written)."""
+        if self.held is not None:
+            self.held.release()
+            self.held = None
 
     def write_pair(self, sample: int, prompt: int, arrays: dict[str, np.ndarray]) -> None:
         """Write one pair's arrays (padded to the group's shapes), then its done flag."""
@@ -239,6 +271,13 @@ def _group_attrs(location: StoreLocation, group: str) -> dict[str, Any] | None:
     return None if doc is None else doc.get("attributes", {})
 
 
+def group_ready(location: StoreLocation, group: str = GROUP) -> bool:
+    """Whether the store holds the ablation group ``group``, ready to be written and read."""
+    location.fs.invalidate_cache()
+    attrs = _group_attrs(location, group) if location.exists() else None
+    return bool(attrs) and attrs.get(STATUS_ATTR) == STATUS_READY
+
+
 def _create_root(location: StoreLocation, spec: AblationSpec) -> None:
     location.remove()
     store = location.zarr_store(read_only=False)
@@ -256,13 +295,22 @@ def _create_root(location: StoreLocation, spec: AblationSpec) -> None:
     root.create_group("results", attributes={"long_name": "cached analysis results"})
 
 
-def _create_group(location: StoreLocation, spec: AblationSpec, group: str) -> None:
+def _create_group(location: StoreLocation, spec: AblationSpec, group: str, *, ready: bool = True) -> None:
     if location.exists() and location.fs.exists(location.key(group)):
         location.fs.rm(location.key(group), recursive=True)
         location.fs.invalidate_cache()
     store = location.zarr_store(read_only=False)
     ds, encoding = ablation_dataset(spec)
     ds.to_zarr(store, group=group, mode="a", compute=False, encoding=encoding, zarr_format=3, consolidated=False)
+    if ready:
+        _mark_ready(location, spec, group)
+    else:
+        consolidate(store)
+
+
+def _mark_ready(location: StoreLocation, spec: AblationSpec, group: str) -> None:
+    """The group's status, then (an ablation-only store's) root's, to ``ready``; consolidated."""
+    store = location.zarr_store(read_only=False)
     root = zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=False)
     root[group].attrs.update({STATUS_ATTR: STATUS_READY})
     if root.attrs.get(ABLATION_ONLY_ATTR):  # the root's provenance is that of the latest ablation
@@ -279,9 +327,23 @@ def _differences(stored: dict[str, Any], asked: dict[str, Any]) -> str:
 
 
 def prepare_ablation(
-    location: StoreLocation, spec: AblationSpec, *, group: str = GROUP, overwrite: bool = False
+    location: StoreLocation,
+    spec: AblationSpec,
+    *,
+    group: str = GROUP,
+    overwrite: bool = False,
+    creator: bool = True,
+    wait_s: float = 600.0,
+    shard: tuple[int, int] = (0, 1),
+    writer_id: str | None = None,
+    claim: bool = True,
 ) -> AblationWriter:
-    """Create the ablation group (and the store, if new), or reopen it to resume the same run.
+    """Create the ablation group (and the store, if new), or reopen it to resume the same run; the
+    writer returned holds a claim on the blocks of ``shard`` it will write (release with ``close``).
+
+    ``creator`` is False for shard writers other than shard 0: they wait for the group to be
+    ready instead of creating it. Creating the group claims all of it (a new store: all of the
+    store), so a second run started on it meanwhile is refused instead of deleting it.
 
     Raises
     ------
@@ -291,18 +353,54 @@ def prepare_ablation(
         When the vislens store there is still being created by another command.
     StoreMismatchError
         When the group was made by a run with other arguments (and ``overwrite`` is False).
+    StoreLockedError
+        When another live writer holds pairs this writer would write (nothing is written).
     """
+    writer_id = writer_id or claims.new_writer_id()
+    writer = _reopen(location, spec, group, overwrite=overwrite, creator=creator, wait_s=wait_s)
+    if writer is not None:
+        if claim:
+            writer.claim(shard, writer_id)
+        return writer
+    attrs = existing_root(location)
+    new_store = attrs is None or attrs.get("vislens_status") != STATUS_READY
+    n_blocks = -(-spec.layout.n_samples // spec.layout.block)
+    scope = claims.ALL if new_store else range(n_blocks)
+    whole = claims.claim(location, group, scope, writer_id=writer_id, what="creating") if claim else None
+    try:
+        writer = _reopen(location, spec, group, overwrite=overwrite, creator=True, wait_s=wait_s)  # made meanwhile?
+        if writer is None:
+            if new_store:  # new, or our own half-created store
+                _create_root(location, spec)
+            _create_group(location, spec, group, ready=False)
+            writer = AblationWriter(location, group)
+            writer.held = whole
+            if claim:
+                writer.claim(shard, writer_id)  # narrowed before other shards may start: they wait for ready
+            _mark_ready(location, spec, group)
+            return writer
+    except BaseException:
+        if whole is not None:
+            whole.release()
+        raise
+    writer.held = whole
+    if claim:
+        writer.claim(shard, writer_id)
+    return writer
+
+
+def _reopen(
+    location: StoreLocation, spec: AblationSpec, group: str, *, overwrite: bool, creator: bool, wait_s: float
+) -> AblationWriter | None:
+    """A writer on this run's group if it is there (or, for a non-creator, once shard 0 made it);
+    None when it must be created or replaced."""
     attrs = existing_root(location)
     if attrs is not None and attrs.get("vislens_status") != STATUS_READY and not attrs.get(ABLATION_ONLY_ATTR):
         raise StoreFormatError(
             f"{location.url} is still being created by `vislens extract` (status {attrs.get('vislens_status')!r}); "
             "let it finish (or rerun it), then add the ablation"
         )
-    if attrs is None or attrs.get("vislens_status") != STATUS_READY:  # new, or our own half-created store
-        _create_root(location, spec)
-        _create_group(location, spec, group)
-        return AblationWriter(location, group)
-    existing = _group_attrs(location, group)
+    existing = _group_attrs(location, group) if attrs is not None else None
     if existing is not None and existing.get(STATUS_ATTR) == STATUS_READY:
         if existing.get("vislens_fingerprint") == spec.fingerprint:
             return AblationWriter(location, group)
@@ -312,8 +410,27 @@ def prepare_ablation(
                 f"({_differences(existing.get('args') or {}, spec.args)}); rerun with the original arguments to "
                 "resume, write to another --out or --group, or pass --overwrite to replace that group"
             )
-    _create_group(location, spec, group)
-    return AblationWriter(location, group)
+    if not creator:
+        return _wait_ready(location, spec, group, wait_s)
+    return None
+
+
+def _wait_ready(location: StoreLocation, spec: AblationSpec, group: str, wait_s: float) -> AblationWriter:
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        location.fs.invalidate_cache()
+        existing = _group_attrs(location, group)
+        if existing and existing.get(STATUS_ATTR) == STATUS_READY:
+            if existing.get("vislens_fingerprint") != spec.fingerprint:
+                raise StoreMismatchError(
+                    f"{location.url} group {group!r} was created by shard 0 for a different ablation; "
+                    "run every shard with the same arguments"
+                )
+            return AblationWriter(location, group)
+        time.sleep(0.5)
+    raise TimeoutError(
+        f"{location.url} group {group!r} was not created within {wait_s:.0f} s; shard 0 creates it, so start it first"
+    )
 
 
 __all__ = [
@@ -323,5 +440,6 @@ __all__ = [
     "GROUP",
     "MODES",
     "ablation_dataset",
+    "group_ready",
     "prepare_ablation",
 ]

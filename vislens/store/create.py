@@ -198,8 +198,12 @@ def captions_dataset(captions: CaptionData) -> tuple[xr.Dataset, dict[str, Any]]
     return ds, {name: {"compressors": small_codecs()} for name in ds.data_vars}
 
 
-def create_store(location: StoreLocation, spec: StoreSpec) -> None:
-    """Write every group of a new store at ``location`` (which must be empty)."""
+def create_store(location: StoreLocation, spec: StoreSpec, *, ready: bool = True) -> None:
+    """Write every group of a new store at ``location`` (which must be empty).
+
+    ``ready=False`` leaves its status ``creating``: `mark_ready` then makes it readable (a
+    writer narrows its claim on the store in between, `vislens.store.writer.prepare_store`).
+    """
     store = location.zarr_store(read_only=False)
     attrs = {
         "vislens_format_version": schema.FORMAT_VERSION,
@@ -226,6 +230,16 @@ def create_store(location: StoreLocation, spec: StoreSpec) -> None:
         ds.to_zarr(store, group=group, mode="a", compute=False, encoding=encoding, zarr_format=3, consolidated=False)
     results = root.require_group("results")
     results.attrs.update({"long_name": "analysis results: cached by analyses, or computed at extraction"})
+    if ready:
+        mark_ready(location)
+    else:
+        consolidate(store)
+
+
+def mark_ready(location: StoreLocation) -> None:
+    """Set a created store's status to ``ready`` (last: readers refuse it before) and consolidate."""
+    store = location.zarr_store(read_only=False)
+    root = zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=False)
     root.attrs.update({"vislens_status": STATUS_READY})
     consolidate(store)
 

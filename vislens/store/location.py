@@ -31,6 +31,10 @@ class StoreLocation:
     url: str
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (e.g. into a Dask task) as URL and options only, without the opened filesystem."""
+        return {"url": self.url, "storage_options": self.storage_options}
+
     @cached_property
     def _fs_path(self) -> tuple[Any, str]:
         from fsspec.core import url_to_fs

@@ -7,6 +7,7 @@ touch a chunk, and refuses any data type or codec outside the allowlist of
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import xarray as xr
@@ -133,8 +134,10 @@ def open_store(store: str | StoreLocation, storage_options: dict[str, Any] | Non
         engine="zarr",
         consolidated=consolidated,
         zarr_format=3,
-        chunks={},
+        chunks=None,
+        cache=False,
     )
+    tree = by_shard(tree)
     if root.get("attributes", {}).get("vislens_format_version") == 1:
         tree = upgrade_v1(tree)
     tree.attrs["vislens_url"] = location.url
@@ -142,12 +145,46 @@ def open_store(store: str | StoreLocation, storage_options: dict[str, Any] | Non
     return tree
 
 
+def by_shard(tree: xr.DataTree) -> xr.DataTree:
+    """Every array of a lazily opened tree as a Dask array with one chunk per stored shard.
+
+    A chunk of Dask is then one file (or object) of the store: one sample of ``hidden``,
+    ``attn`` and ``value_gram`` (all its layers), a block of samples of the small per-sample
+    arrays. A task that computes on one sample reads that sample's file and nothing else, so
+    on a cluster each worker reads only the samples it computes on (`docs/scaling.md`), and a
+    remote store serves one request per file. Selections (e.g. one layer) still read only the
+    inner chunks they need: Dask fuses the selection into the read.
+    """
+    token = uuid.uuid4().hex[:12]  # a store reopened after a write must not reuse cached keys
+    groups: dict[str, xr.Dataset] = {}
+    for node in tree.subtree:
+        ds = node.to_dataset(inherit=False)
+        chunked = {}
+        for name, var in ds.variables.items():
+            if name in ds.indexes:
+                continue
+            sizes = var.encoding.get("shards") or var.encoding.get("chunks") or var.shape
+            chunked[name] = var.chunk(
+                dict(zip(var.dims, sizes)), name=f"vislens-{node.path.strip('/') or 'root'}-{name}-{token}"
+            )
+        groups[node.path] = ds.assign(chunked) if chunked else ds
+    out = xr.DataTree.from_dict(groups)
+    out.attrs = dict(tree.attrs)
+    return out
+
+
 _OPTIONS: dict[str, dict[str, Any]] = {}
-"""Storage options of the stores opened in this process, by URL (kept out of attributes)."""
+"""Storage options of the stores opened in this process, by URL (kept out of attributes, so
+that no secret is ever written into a store). Only this process sees them: work that runs
+elsewhere (Dask workers) gets the `StoreLocation` from `location_of` as an argument."""
 
 
 def location_of(tree: xr.DataTree) -> StoreLocation:
-    """Where an opened store lives, with the storage options it was opened with."""
+    """Where an opened store lives, with the storage options it was opened with.
+
+    Call it where the tree was opened (the Dask client), and pass the location to tasks:
+    workers do not share this process's options.
+    """
     url = tree.attrs["vislens_url"]
     return StoreLocation(url, _OPTIONS.get(url, {}))
 

@@ -20,8 +20,8 @@ from zarr.core.buffer import cpu
 from zarr.core.sync import sync
 
 from vislens.errors import DiskFullError, StoreExistsError, StoreFormatError, StoreMismatchError
-from vislens.store import schema
-from vislens.store.create import STATUS_CREATING, STATUS_READY, StoreSpec, create_store
+from vislens.store import claims, schema
+from vislens.store.create import STATUS_CREATING, STATUS_READY, StoreSpec, create_store, mark_ready
 from vislens.store.location import StoreLocation
 from vislens.store.precision import keep_mantissa_bits
 from vislens.store.shards import encode_sample_shard, is_sample_shard_layout, sample_shard_key
@@ -73,11 +73,35 @@ class StoreWriter:
         self.big = frozenset((SAMPLE_FILES | captured) & self.arrays.keys())
         """Arrays with one file per sample (written concurrently by `PipelinedWriter`)."""
         self.whole_shards = {name for name in self.big if is_sample_shard_layout(self.arrays[name])}
+        self.held: claims.Claim | None = None
 
     @property
     def n_samples(self) -> int:
         """Samples in the store."""
         return int(self.done.shape[0])
+
+    def claim(self, shard: tuple[int, int] = (0, 1), writer_id: str | None = None) -> None:
+        """Claim the blocks of ``shard`` that still have pending samples for this writer, so that
+        no other run writes them meanwhile (`vislens.store.claims`); `close` releases the claim.
+
+        Raises
+        ------
+        StoreLockedError
+            When another live writer holds any of these blocks.
+        """
+        blocks = np.unique(self.pending(shard) // self.block)
+        if blocks.size == 0:  # nothing to write: give back a creation claim, if any
+            self.close()
+            return
+        self.held = claims.claim(
+            self.location, "activations", blocks.tolist(), writer_id=writer_id, what=f"shard {shard[0]}/{shard[1]}"
+        )
+
+    def close(self) -> None:
+        """Release this writer's claim (call once every write is done)."""
+        if self.held is not None:
+            self.held.release()
+            self.held = None
 
     def status(self) -> np.ndarray:
         """The ``done`` flag of every sample (0 pending, 1 done, 2 skipped)."""
@@ -173,7 +197,8 @@ class PipelinedWriter:
             self.pending.pop(0).result()
 
     def close(self, *, quiet: bool = False) -> None:
-        """Wait for every queued write; ``quiet`` drops their errors (one is already being raised)."""
+        """Wait for every queued write, then release the writer's claim; ``quiet`` drops the
+        writes' errors (one is already being raised)."""
         try:
             for future in self.pending:
                 if quiet:
@@ -183,6 +208,7 @@ class PipelinedWriter:
         finally:
             self.big.shutdown(wait=True)
             self.ordered.shutdown(wait=True)
+            self.writer.close()
 
 
 def _pad(value: np.ndarray, shape: tuple[int, ...], fill: Any, name: str) -> np.ndarray:
@@ -257,11 +283,16 @@ def prepare_store(
     overwrite: bool = False,
     creator: bool = True,
     wait_s: float = 600.0,
+    shard: tuple[int, int] = (0, 1),
+    writer_id: str | None = None,
+    claim: bool = True,
 ) -> StoreWriter:
-    """Create the store, or reopen it to resume the same extraction.
+    """Create the store, or reopen it to resume the same extraction; the writer returned holds a
+    claim on the blocks of ``shard`` it will write (`StoreWriter.claim`; release with ``close``).
 
     ``creator`` is False for shard writers other than shard 0: they wait for the store
-    to become ready instead of creating it.
+    to become ready instead of creating it. Creating (or replacing) a store first claims the
+    whole store, so a second run started on it meanwhile is refused instead of deleting it.
 
     Raises
     ------
@@ -271,7 +302,43 @@ def prepare_store(
         When it is a vislens store of another format version.
     StoreMismatchError
         When the store was made by a different extraction (and ``overwrite`` is False).
+    StoreLockedError
+        When another live writer holds samples this writer would write (nothing is written).
     """
+    writer_id = writer_id or claims.new_writer_id()
+    writer = _reopen(location, spec, overwrite=overwrite, creator=creator, wait_s=wait_s)
+    if writer is not None:
+        if claim:
+            writer.claim(shard, writer_id)
+        return writer
+    # create or replace the store, holding all of it meanwhile
+    whole = claims.claim(location, "activations", claims.ALL, writer_id=writer_id, what="creating") if claim else None
+    try:
+        writer = _reopen(location, spec, overwrite=overwrite, creator=True, wait_s=wait_s)  # made meanwhile?
+        if writer is None:
+            location.remove()  # empty, half-created (status "creating") or --overwrite
+            create_store(location, spec, ready=False)
+            writer = StoreWriter(location)
+            writer.held = whole
+            if claim:
+                writer.claim(shard, writer_id)  # narrowed before other shards may start: they wait for ready
+            mark_ready(location)
+            return writer
+    except BaseException:
+        if whole is not None:
+            whole.release()
+        raise
+    writer.held = whole
+    if claim:
+        writer.claim(shard, writer_id)
+    return writer
+
+
+def _reopen(
+    location: StoreLocation, spec: StoreSpec, *, overwrite: bool, creator: bool, wait_s: float
+) -> StoreWriter | None:
+    """A writer on the store of this extraction, if it is there (or, for a non-creator, once
+    shard 0 has made it); None when it must be created or replaced."""
     attrs = existing_root(location)
     if attrs is not None and attrs.get("vislens_status") == STATUS_READY:
         if attrs.get("vislens_fingerprint") == spec.fingerprint:
@@ -281,15 +348,9 @@ def prepare_store(
                 f"{location.url} holds an extraction with different arguments ({_differences(attrs, spec)}); "
                 "rerun with the original arguments to resume, pick another --out, or pass --overwrite to replace it"
             )
-        if not creator:
-            return _wait_ready(location, spec, wait_s)
-    elif attrs is not None and not creator:  # being created by shard 0
+    if not creator:  # being created (or replaced) by shard 0
         return _wait_ready(location, spec, wait_s)
-    if not creator and attrs is None:
-        return _wait_ready(location, spec, wait_s)
-    location.remove()  # empty, half-created (status "creating") or --overwrite
-    create_store(location, spec)
-    return StoreWriter(location)
+    return None
 
 
 def _differences(stored: dict[str, Any], spec: StoreSpec) -> str:
