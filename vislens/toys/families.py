@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vislens.errors import ConfigError
-from vislens.extract.datasets.synthetic import caption_corpus
+from vislens.toys.shapes import caption_corpus
 from vislens.toys.norms import randomize_norms
 from vislens.toys.text import text_config_kwargs
 
