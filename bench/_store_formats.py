@@ -290,7 +290,7 @@ class Vislens(Candidate):
 
     def spec(self) -> StoreSpec:
         n, (layers, tokens, hidden) = self.n, self.shape
-        layout = Layout(n_samples=n, n_layers=layers, n_tokens=tokens, hidden=hidden, n_heads=1, n_query=0,
+        layout = Layout(n_samples=n, n_layers=layers, n_tokens=tokens, d_model=hidden, n_heads=1, n_query=0,
                         vocab=1, n_images=n, n_captions=1)  # fmt: skip
         strings = np.asarray([f"img{i}" for i in range(n)], dtype=np.dtypes.StringDType())
         plan = {name: strings for name in ("image_id", "prompt_kind", "prompt_id", "prompt_text")}

@@ -21,9 +21,9 @@ from _common import Row, machine, parser, version, write_json  # noqa: E402
 
 from vislens.analyze import cosine, logit_lens, logit_lens_topk, norm_attention  # noqa: E402
 from vislens.extract import ExtractConfig, extract  # noqa: E402
-from vislens.toys import toy_model_path  # noqa: E402
 from vislens.store import open_store  # noqa: E402
 from vislens.store.inspect import info  # noqa: E402
+from vislens.toys import toy_model_path  # noqa: E402
 
 BITS = (None, 7, 5, 3)
 

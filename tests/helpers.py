@@ -34,6 +34,47 @@ def run_reference(model, processor, image_path: str, prompt: str, **kwargs):
     return inputs, outputs
 
 
+def instruction_positions(processor, prompt: str, input_ids, image_token_id: int) -> np.ndarray:
+    """Positions of the instruction's tokens in one sample's input, found independently of vislens.
+
+    By counting: the chat text is cut just before and just after the instruction, both prefixes
+    are tokenized, and the instruction is the tokens the second adds, shifted by the image
+    placeholder's expansion. A fully formatted LLaVA prompt (``USER: <image>\\n... ASSISTANT:``)
+    has the words between the placeholder and ``ASSISTANT:`` as its instruction. Empty for the
+    empty prompt.
+    """
+    if not prompt.strip():
+        return np.zeros(0, dtype=np.int64)
+    full = chat_text(processor, prompt)
+    core = prompt.split("<image>")[1].strip().removesuffix("ASSISTANT:").strip() if "<image>" in prompt else prompt
+    start = full.find(core, full.find("<image>") + 1)
+    tok = processor.tokenizer
+    before = tok(full[:start])["input_ids"]
+    upto = tok(full[: start + len(core)])["input_ids"]
+    ids = np.asarray(input_ids).ravel()
+    shift = int((ids == image_token_id).sum()) - before.count(image_token_id)
+    return np.arange(len(before), len(upto)) + shift
+
+
+def assert_instruction_roles(acts, s: int, tokenizer) -> None:
+    """The tokens stored with role ``instruction`` decode to the sample's prompt text (whitespace
+    collapsed; of a fully formatted prompt, the words between ``<image>`` and ``ASSISTANT:``), BOS
+    is never one of them, and the empty prompt has none."""
+    from vislens.store.schema import ROLE_BOS, ROLE_INSTRUCTION
+
+    roles = acts.token_role[s].values
+    ids = acts.token_id[s].values[roles == ROLE_INSTRUCTION]
+    prompt = str(acts.prompt_text[s].values)
+    if "<image>" in prompt:  # a fully formatted LLaVA prompt: the words between <image> and ASSISTANT:
+        prompt = prompt.split("<image>")[1].strip().removesuffix("ASSISTANT:")
+    prompt = " ".join(prompt.split())
+    decoded = " ".join(tokenizer.decode([int(i) for i in ids]).split())
+    assert decoded == prompt, (s, decoded, prompt)
+    assert (roles == ROLE_BOS).sum() <= 1 and not (
+        acts.token_id[s].values[roles == ROLE_INSTRUCTION] == tokenizer.bos_token_id
+    ).any()
+
+
 def decoder_of(model):
     """The language decoder (``layers``, ``norm``) at the path transformers 5.x gives it."""
     if model.config.model_type == "instructblip":

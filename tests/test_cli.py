@@ -77,6 +77,8 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
         tree = xr.open_datatree(out / name, engine="zarr")
         assert model_type in str(tree.attrs["model"]).lower()
         assert {"activations", "ablation"} <= set(tree.children)
+    acts = xr.open_zarr(out / "store.zarr", group="activations")
+    assert acts["hidden"].dims == ("sample", "layer", "token", "d_model")
     table = pd.read_csv(out / "cosine.csv")
     assert {"layer", "inter_modal", "prompt_kind"} <= set(table.columns)
     assert sorted(table.prompt_kind.unique()) == ["empty", "noisy", "normal"]

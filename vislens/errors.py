@@ -14,6 +14,10 @@ class StoreFormatError(VislensError, ValueError):
     """A store is not a vislens store of a version this release reads, or is malformed."""
 
 
+class StoreIncompleteError(VislensError, ValueError):
+    """A store's extraction has not finished and the caller asked for complete stores only."""
+
+
 class StoreSafetyError(StoreFormatError):
     """A store holds a data type or codec that could run code or that vislens never writes."""
 

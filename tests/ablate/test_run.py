@@ -15,7 +15,7 @@ from tests.ablate.conftest import LOSS_TOL
 from vislens.ablate import AblateConfig, ablate
 from vislens.errors import DataError, StoreExistsError, StoreMismatchError
 from vislens.extract import ExtractConfig, extract
-from vislens.store import DONE, IMAGE, PADDING, SKIPPED, TEXT, open_store
+from vislens.store import DONE, FORMAT_VERSION, IMAGE, PADDING, SKIPPED, TEXT, open_store
 from vislens.store.schema import SAFE_CODECS, SAFE_DATA_TYPES
 
 
@@ -34,8 +34,13 @@ def test_store_holds_everything_needed_to_recompute_a_setting(toy_models, hf, ma
     result = _ablate(toy_models["gqa"], manifest, out, ks=(0, 3, 7, 25))
     assert result.written == 10 and result.n_settings == 4
     tree = open_store(str(out))  # a valid vislens store: version, status and safety checks
-    assert tree.attrs["vislens_format_version"] == 1 and tree.attrs["vislens_status"] == "ready"
+    assert tree.attrs["vislens_format_version"] == FORMAT_VERSION and tree.attrs["vislens_status"] == "ready"
     assert set(tree.children) >= {"ablation", "captions"}
+    from vislens.store.inspect import format_info, info
+
+    report = info(str(out))  # an ablation-only store counts its (image, prompt) pairs, not "0 samples"
+    assert report["unit"] == "ablation pairs" and report["samples"]["total"] == 10 and report["samples"]["done"] == 10
+    assert "ablation pairs 10 done / 10 total" in format_info(report)
     ds = _load(out)
     assert ds["loss"].dims == ("sample", "prompt", "k") and ds["loss"].dtype == np.float32
     np.testing.assert_array_equal(ds["k"], [0, 3, 7, 25])

@@ -51,10 +51,10 @@ def test_cache_is_written_reused_and_rescored(analysis_stores, tmp_path):
     path = tmp_path / "s.zarr"
     shutil.copytree(analysis_stores["gqa"], path)
     tree = open_store(str(path))
-    assert "results" not in tree.children or CACHE_NAME not in tree["results"].data_vars
+    assert "results" not in tree.children or CACHE_NAME not in tree["results"].children
     first = logit_lens(tree, top_k=3)
     reopened = open_store(str(path))
-    cached = reopened["results"][CACHE_NAME]
+    cached = reopened["results"][CACHE_NAME][CACHE_NAME]  # results/<name> holds the array and its coordinates
     assert cached.sizes["rank"] == 3 and cached.attrs["k"] == 3
     assert cached.attrs["source_fingerprint"] == reopened.attrs["vislens_fingerprint"]
     # reusing the cache gives the same numbers; top-1 is scored from the cached top-3
@@ -87,3 +87,91 @@ def test_means_per_prompt_kind(analysis_stores):
         rows = per_sample.where(per_sample.prompt_kind == kind, drop=True)
         np.testing.assert_allclose(means.sel(prompt_kind=kind)["recall"].values, rows["recall"].mean("sample").values)
         assert int(means.sel(prompt_kind=kind)["n_samples"]) == 6
+
+
+@pytest.mark.parametrize("arch", ["mha", "gqa"])
+def test_scores_equal_an_independent_recount(analysis_stores, toy_models, arch):
+    """precision, token_precision and recall recomputed from scratch: the model's own final norm and
+    lm_head on the stored states (the last layer as is), each image token's top-1 id decoded alone
+    with the model's tokenizer, against the captions' words (docs/methods.md, analysis 1)."""
+    import re
+
+    from vislens.analyze.words import stop_words
+
+    tree = open_store(analysis_stores[arch])
+    ours = logit_lens_per_sample(tree, cache=False)
+    acts = tree["activations"].to_dataset()
+    caps = tree["captions"].to_dataset()
+    model, processor = load_reference(toy_models[arch])
+    tok = processor.tokenizer
+    norm, head = decoder_of(model).norm, model.get_output_embeddings()
+    stop, special = stop_words(), set(tok.all_special_ids)
+
+    def word(token_id: int) -> str | None:
+        text = "".join(re.findall(r"[^\W_]+", tok.decode([token_id]).strip().lower()))
+        return None if token_id in special or not text or text in stop else text
+
+    last = acts.sizes["layer"] - 1
+    for s in range(acts.sizes["sample"]):
+        i = int(acts.image_index[s])
+        captions = [str(c) for c in caps.text[i, : int(caps.n_captions[i])].values]
+        reference = {w for c in captions for w in re.findall(r"[^\W_]+", c.lower()) if w not in stop}
+        image = acts.modality[s].values == 1
+        states = torch.from_numpy(acts.hidden[s].values[:, image].astype(np.float32))
+        with torch.no_grad():
+            for layer in range(acts.sizes["layer"]):
+                h = states[layer] if layer == last else norm(states[layer])
+                words = [word(int(t)) for t in head(h).argmax(-1)]
+                decoded = {w for w in words if w}
+                hits = decoded & reference
+                expected = [
+                    len(hits) / len(decoded) if decoded else 0.0,
+                    sum(w in reference for w in words if w) / max(1, sum(1 for w in words if w)),
+                    len(hits) / len(reference),
+                ]
+                got = [float(ours[name][s, layer]) for name in ("precision", "token_precision", "recall")]
+                np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=f"sample {s} layer {layer}")
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_top_k_equals_one_plain_topk_over_the_vocabulary(analysis_stores, backend):
+    """The lens kernel (the exact CPU path, and the torch backend's vocabulary tiles) gives the
+    logits of one plain fp32 ``(norm(h) @ W.T).topk`` over the whole vocabulary."""
+    from vislens.analyze.logit_lens import _lens_arrays, apply_norm
+
+    tree = open_store(analysis_stores["gqa"])
+    lens = _lens_arrays(tree)
+    blocked = logit_lens_topk(tree, k=3, backend=backend).compute()
+    acts = tree["activations"].to_dataset()
+    weight = torch.from_numpy(lens["unembedding"]).float()
+    last = acts.sizes["layer"] - 1
+    for s in range(0, acts.sizes["sample"], 5):
+        image = acts.modality[s].values == 1
+        h = torch.from_numpy(acts.hidden[s].values[:, image].astype(np.float32))
+        normed = apply_norm(h[:last], lens["norm_kind"], lens["norm_eps"], torch.from_numpy(lens["norm_weight"]), None)
+        logits = torch.cat([normed, h[last:]]) @ weight.T
+        expected = logits.topk(3, dim=-1)
+        ours = torch.from_numpy(blocked[s].values[:, image].astype(np.int64))
+        got_values = logits.gather(-1, ours)
+        torch.testing.assert_close(got_values, expected.values, rtol=0, atol=1e-5)  # same logits (ties may swap ids)
+
+
+def test_a_cache_from_before_a_resume_is_not_reused(analysis_stores, tmp_path):
+    """The cache written while some samples were pending must be recomputed once they are done."""
+    import shutil
+
+    import zarr
+
+    from vislens.store import DONE, PENDING
+
+    path = tmp_path / "s.zarr"
+    shutil.copytree(analysis_stores["mha"], path)
+    done = zarr.open_array(str(path / "activations" / "done"), mode="r+")
+    done[10:] = PENDING  # as if the extraction had been interrupted
+    partial = cached_topk(open_store(str(path)), 1)
+    assert partial.sizes["sample"] == 10
+    done[10:] = DONE  # the resumed extraction finished them
+    resumed = open_store(str(path))
+    top = cached_topk(resumed, 1)
+    assert list(top["sample"].values) == list(range(resumed["activations"].sizes["sample"]))
+    np.testing.assert_array_equal(top.values, logit_lens_topk(resumed, 1).compute().values)

@@ -87,7 +87,8 @@ def test_means_heatmap_and_top_tokens(analysis_stores):
     assert heat.dims == ("layer", "token") and heat.sizes["token"] == int(tree["activations"].n_tokens[s])
     table = top_image_tokens(tree, [s], top=5)
     assert len(table) == 5 * heat.sizes["layer"]
-    first = table[table.layer == 0]
+    assert list(heat["layer"].values) == list(range(1, heat.sizes["layer"] + 1))  # decoder layers 1 .. L
+    first = table[table.layer == 1]
     image_pos = np.flatnonzero(tree["activations"].modality[s].values == 1)
     expected = np.argsort(-heat.values[0, image_pos], kind="stable")[:5]
     np.testing.assert_array_equal(first["image_token"].values, expected)

@@ -1,16 +1,17 @@
-"""Word rules of the logit lens on hand-built cases with known answers."""
+"""Word rules of the logit lens on hand-built cases with known answers (docs/methods.md, analysis 1)."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from vislens.analyze.logit_lens import _block_scores
-from vislens.analyze.words import decoded_words, precision_recall, reference_words, stop_words, words
+from vislens.analyze.words import Vocabulary, reference_words, scores, stop_words, token_word, words
 from vislens.store import IMAGE, TEXT
 
-VOCAB = ["<s>", " the", " ele", "phant", " Cat", ",", " dog", "s", " on", " grass", "!", " red"]
+# SentencePiece-style pieces as the store keeps them (text after other text: leading space kept)
+VOCAB = ["<s>", " the", " ele", "phant", " Cat", ",", " dog", "s", " on", " grass", "!", " red", " a", "scri", "Red."]
 SPECIAL = np.array([True] + [False] * (len(VOCAB) - 1))
+V = Vocabulary.build(VOCAB, SPECIAL)
 
 
 def test_stop_words_are_nltk_english():
@@ -20,13 +21,21 @@ def test_stop_words_are_nltk_english():
     assert "elephant" not in stop and "cat" not in stop
 
 
-def test_sub_word_pieces_join_and_punctuation_and_stop_words_go():
-    ids = [0, 1, 2, 3, 5, 4, 10, 6, 7, 8, 9]  # <s> the ele phant , Cat ! dog s on grass
-    assert decoded_words(ids, VOCAB, SPECIAL) == {"elephant", "cat", "dogs", "grass"}
+def test_each_token_is_its_own_word():
+    assert token_word(" Cat") == "cat"
+    assert token_word("Red.") == "red"  # punctuation dropped, lowercased
+    assert token_word(",") is None and token_word("!") is None
+    assert token_word(" the") is None and token_word("s") is None  # stop words
+    assert token_word(" red", special=True) is None
 
 
-def test_special_tokens_separate_words():
-    assert decoded_words([2, 0, 3], VOCAB, SPECIAL) == {"ele", "phant"}
+def test_pieces_of_neighbouring_positions_are_never_joined():
+    # "▁ele" at one image position and "phant" at the next: two words, never "elephant"
+    assert V.decoded_words([2, 3]) == {"ele", "phant"}
+    # the review's case: "▁a", "scri", "scri" at three patches is the word "scri" (a: stop word)
+    assert V.decoded_words([12, 13, 13]) == {"scri"}
+    top = np.array([[[2], [3]]])  # (layer, image token, k)
+    np.testing.assert_allclose(scores(top, V, reference_words(["an elephant"])), [[0.0, 0.0, 0.0]])
 
 
 def test_caption_words():
@@ -34,25 +43,40 @@ def test_caption_words():
     assert reference_words(["A red cat.", "The cat on grass"]) == {"red", "cat", "grass"}
 
 
-def test_precision_recall_known_answer():
-    decoded = {"elephant", "cat", "dogs", "grass"}
-    reference = {"red", "cat", "grass"}
-    assert precision_recall(decoded, reference) == pytest.approx((2 / 4, 2 / 3))
-    assert precision_recall(set(), reference) == (0.0, 0.0)
+def test_three_scores_known_answer():
+    # one layer, five image tokens: cat, cat, red, "the" (no word), grass ; references {red, cat, elephant}
+    top = np.array([[[4], [4], [11], [1], [9]]])
+    reference = reference_words(["A red cat", "an elephant"])
+    precision, token_precision, recall = scores(top, V, reference)[0]
+    assert precision == 2 / 3  # D = {cat, red, grass}: 2 found
+    assert token_precision == 3 / 4  # four tokens have a word; cat, cat, red are right
+    assert recall == 2 / 3  # red and cat of {red, cat, elephant}
 
 
-def test_block_scores_use_image_tokens_in_order_and_union_over_ranks():
+def test_token_precision_counts_tokens_and_precision_counts_words():
+    # nine tokens decode "cat" (right), one decodes "grass" (wrong): the two readings differ
+    top = np.array([[[4]] * 9 + [[9]]])
+    precision, token_precision, _ = scores(top, V, {"cat"})[0]
+    assert precision == 1 / 2 and token_precision == 9 / 10
+
+
+def test_no_decoded_word_gives_zero_precision():
+    top = np.array([[[1], [5], [0]]])  # the , <s>
+    np.testing.assert_allclose(scores(top, V, {"cat"})[0], [0.0, 0.0, 0.0])
+
+
+def test_block_scores_use_image_tokens_only_and_union_over_ranks():
     modality = np.array([[TEXT, IMAGE, IMAGE, IMAGE, TEXT]])
     top = np.full((1, 2, 5, 2), -1, dtype=np.int32)
-    top[0, 0, 1:4, 0] = [2, 3, 11]  # "ele" "phant" " red" -> elephant red
+    top[0, :, [0, 4], 0] = 4  # text positions decode "cat": must not count
+    top[0, 0, 1:4, 0] = [2, 3, 11]  # ele, phant, red
     top[0, 0, 1:4, 1] = [8, 8, 8]  # " on" x3 -> stop words only
-    top[0, 1, 1:4, 0] = [4, 4, 1]  # cat cat the -> cat
-    top[0, 1, 1:4, 1] = [6, 7, 9]  # dog s grass -> dogs grass
+    top[0, 1, 1:4, 0] = [4, 4, 1]  # cat cat the
+    top[0, 1, 1:4, 1] = [6, 7, 9]  # dog s grass
     refs = [reference_words(["A red elephant on grass"])]  # red elephant grass
-    scores = _block_scores(top, modality, np.array([0]), vocab_text=VOCAB, vocab_special=SPECIAL, references=refs)
-    np.testing.assert_allclose(scores[0, 0], [2 / 2, 2 / 3])  # D = {elephant, red}
-    np.testing.assert_allclose(scores[0, 1], [1 / 3, 1 / 3])  # D = {cat, dogs, grass}
-    top1 = _block_scores(
-        top[..., :1], modality, np.array([0]), vocab_text=VOCAB, vocab_special=SPECIAL, references=refs
-    )
-    np.testing.assert_allclose(top1[0, 1], [0.0, 0.0])  # D = {cat}
+    got = _block_scores(top, modality, np.array([0]), vocabulary=V, references=refs)
+    np.testing.assert_allclose(got[0, 0], [1 / 3, 1 / 3, 1 / 3])  # D = {ele, phant, red}
+    # layer 1: D = {cat, dog, grass}; tokens: (cat|dog) (cat|s) (the|grass) -> the third hits
+    np.testing.assert_allclose(got[0, 1], [1 / 3, 1 / 3, 1 / 3])
+    top1 = _block_scores(top[..., :1], modality, np.array([0]), vocabulary=V, references=refs)
+    np.testing.assert_allclose(top1[0, 1], [0.0, 0.0, 0.0])  # D = {cat}

@@ -55,11 +55,17 @@ def test_hidden_states_equal_the_models_own(toy_models, manifest, tmp_path, arch
 def test_store_opens_with_plain_xarray(toy_models, manifest, tmp_path):
     _extract(toy_models["gqa"], manifest, tmp_path / "s.zarr", limit=2)
     ds = xr.open_zarr(tmp_path / "s.zarr", group="activations", consolidated=False)
-    assert ds["hidden"].dims == ("sample", "layer", "token", "hidden")
+    assert ds["hidden"].dims == ("sample", "layer", "token", "d_model")
+    assert "hidden" in ds.data_vars  # no variable is named like its own dimension
     assert ds["hidden"].dtype == np.float16
+    assert "hidden" in ds[["hidden", "n_tokens"]].mean("sample").data_vars
     assert ds["modality"].attrs["flag_meanings"] == "padding image text"
+    assert ds["token_role"].attrs["flag_meanings"] == "padding image instruction template bos"
     root = xr.open_zarr(tmp_path / "s.zarr", consolidated=False)
-    assert root.attrs["vislens_format_version"] == 1
+    assert root.attrs["vislens_format_version"] == 2
+    for name in ("activations", "lens", "captions"):  # (attention: tests/store/test_format.py)
+        group = xr.open_zarr(tmp_path / "s.zarr", group=name, consolidated=False)
+        assert not set(group.data_vars) & set(group.dims), name
 
 
 def test_missing_image_is_skipped_and_counted(toy_models, manifest, write_manifest, tmp_path):
@@ -122,3 +128,50 @@ def test_output_path_holding_something_else_is_refused(toy_models, manifest, tmp
         _extract(toy_models["mha"], manifest, out)
     assert (out / "thesis.tex").read_text() == "precious"
     assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+
+
+def test_fixed_noisy_prompts_from_a_file(toy_models, manifest, tmp_path):
+    """--noisy-prompts-file: the study prints its own noisy strings; they are used as given, cycled
+    over the images, their ids kept, and their tokens are the instruction."""
+    from tests.helpers import assert_instruction_roles
+    from vislens.store.schema import ROLE_INSTRUCTION
+
+    strings = {"n1": "square large blue the of", "n2": "circle ASSISTANT: green small"}
+    path = tmp_path / "noisy.json"
+    path.write_text(json.dumps(strings))
+    _extract(
+        toy_models["gqa"], manifest, tmp_path / "s.zarr", prompts=("noisy",), noisy_prompts_file=str(path), limit=3
+    )
+    tree = open_store(str(tmp_path / "s.zarr"))
+    acts = tree["activations"].to_dataset()
+    assert [str(v) for v in acts.prompt_id.values] == ["n1", "n2", "n1"]
+    assert [str(v) for v in acts.prompt_text.values] == [strings["n1"], strings["n2"], strings["n1"]]
+    assert tree.attrs["prompts"]["noisy_file"] == str(path)
+    _, processor = load_reference(toy_models["gqa"])
+    for s in range(3):
+        assert (acts.token_role[s].values == ROLE_INSTRUCTION).sum() >= 4
+        assert_instruction_roles(acts, s, processor.tokenizer)
+
+
+def test_a_model_that_cannot_be_loaded_fails_fast_in_one_line(tmp_path, monkeypatch):
+    """A missing folder says so; a hub id that is neither cached nor reachable fails once, quickly
+    (transformers alone retries for about half a minute, warning each time)."""
+    import time
+
+    from vislens.errors import ModelError
+    from vislens.extract.adapters import check_model_source
+
+    with pytest.raises(ModelError, match="model folder .*nowhere does not exist"):
+        check_model_source(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="has no config.json"):
+        check_model_source(str(tmp_path / "empty"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    start = time.perf_counter()
+    with pytest.raises(ModelError, match="cannot get vislens-test/no-such-model|not in the local"):
+        check_model_source("vislens-test/no-such-model", timeout=5)
+    assert time.perf_counter() - start < 15
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="HF_HUB_OFFLINE is set"):
+        check_model_source("vislens-test/no-such-model")

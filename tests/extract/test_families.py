@@ -23,7 +23,15 @@ from tests.ablate.conftest import LOSS_TOL, SHORT, pairs_of
 from tests.ablate.test_engine import _run
 from tests.analyze.test_cosine import brute_force as cosine_brute_force
 from tests.analyze.test_norm_attention import brute_force as norm_attention_brute_force
-from tests.helpers import assert_top1_matches, decoder_of, extract_stores, hidden_of, lm_outputs, run_reference
+from tests.helpers import (
+    assert_instruction_roles,
+    assert_top1_matches,
+    decoder_of,
+    extract_stores,
+    hidden_of,
+    lm_outputs,
+    run_reference,
+)
 from vislens.ablate import AblateConfig, ablate, naive_losses, shared_prefix_losses
 from vislens.analyze import cosine_per_sample
 from vislens.analyze.logit_lens import logit_lens_topk
@@ -164,9 +172,9 @@ def test_a_wrong_placeholder_count_is_an_error(models, sized_manifest, family, t
     BREAK[family](loaded.adapter.processor)
     out = str(tmp_path / "s.zarr")
     config = ExtractConfig(model=str(models[family]), data=str(sized_manifest), out=out, progress=False)
-    with pytest.raises(ModelError, match=r"image placeholders \[\d+, .*\] do not match the image features"):
-        extract(config, loaded=loaded)
-    assert not (open_store(out)["activations"]["done"].values == DONE).any()
+    with pytest.raises(ModelError, match=r"image placeholders \[\d+\] do not match the image features"):
+        extract(config, loaded=loaded)  # caught on the first sample, before the store is created
+    assert not (tmp_path / "s.zarr").exists()
     with pytest.raises(ModelError, match="image placeholders but .* image features"):
         pairs_of(loaded.adapter, sized_manifest, [SHORT])
 
@@ -191,8 +199,11 @@ def test_logit_lens_top1_equals_the_models_own_lm_head(stores, refs, own, family
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cosine_equals_brute_force(stores, refs, own, family):
-    ours = cosine_per_sample(open_store(stores[family, 4])).compute()
+    tree = open_store(stores[family, 4])
+    ours = cosine_per_sample(tree, text_tokens="all").compute()
+    acts = tree["activations"].to_dataset()
     for s, (inputs, hidden) in enumerate(own[family]):
+        assert_instruction_roles(acts, s, refs[family][1].tokenizer)
         image = _image(inputs, refs[family][0])
         for layer, h in enumerate(hidden):
             expected = [

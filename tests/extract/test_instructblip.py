@@ -21,7 +21,15 @@ from tests.ablate.conftest import LOSS_TOL, SHORT, hf_token_losses, pairs_of
 from tests.ablate.test_engine import _run
 from tests.analyze.test_cosine import brute_force as cosine_brute_force
 from tests.analyze.test_norm_attention import brute_force as norm_attention_brute_force
-from tests.helpers import assert_top1_matches, decoder_of, extract_stores, hidden_of, load_reference, run_reference
+from tests.helpers import (
+    assert_instruction_roles,
+    assert_top1_matches,
+    decoder_of,
+    extract_stores,
+    hidden_of,
+    load_reference,
+    run_reference,
+)
 from vislens.ablate import AblateConfig, ablate, naive_losses, shared_prefix_losses
 from vislens.analyze import cosine_per_sample
 from vislens.analyze.logit_lens import logit_lens_topk
@@ -127,9 +135,9 @@ def test_a_wrong_placeholder_count_stops_extraction_and_ablation(models, manifes
     config = ExtractConfig(
         model=str(models["gqa"]), data=str(manifest), out=str(tmp_path / "s.zarr"), prompts=("normal",), progress=False
     )
-    with pytest.raises(ModelError, match=r"placeholders \[7, 7, 7, 7\] do not match the image features \[8, 8, 8, 8\]"):
-        extract(config, loaded=loaded)
-    assert not (open_store(str(tmp_path / "s.zarr"))["activations"]["done"].values == DONE).any()
+    with pytest.raises(ModelError, match=r"placeholders \[7\] do not match the image features \[8\]"):
+        extract(config, loaded=loaded)  # caught on the first sample, before the store is created
+    assert not (tmp_path / "s.zarr").exists()
     with pytest.raises(ModelError, match=r"placeholders per sample \[7\] but 8 query features"):
         pairs_of(loaded.adapter, manifest, [SHORT])
 
@@ -181,9 +189,12 @@ def test_logit_lens_top1_equals_the_models_own_lm_head(stores, refs, own, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_cosine_equals_brute_force(stores, own, arch):
-    ours = cosine_per_sample(open_store(stores[arch, 3])).compute()
+def test_cosine_equals_brute_force(stores, refs, own, arch):
+    tree = open_store(stores[arch, 3])
+    ours = cosine_per_sample(tree, text_tokens="all").compute()
+    acts = tree["activations"].to_dataset()
     for s, (_, hidden) in enumerate(own[arch]):
+        assert_instruction_roles(acts, s, refs[arch][1].tokenizer)
         image = np.arange(hidden.shape[1]) < Q
         for layer, h in enumerate(hidden):
             expected = [

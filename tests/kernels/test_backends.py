@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vislens.errors import BackendUnavailableError
-from vislens.kernels import mean_cosine, norm_attention, value_gram
+from vislens.kernels import lens_topk, mean_cosine, norm_attention, value_gram
 from vislens.kernels._backend import load
 
 
@@ -21,16 +21,17 @@ def _calls(device: str = "cpu"):
         "mean_cosine": lambda backend: mean_cosine(a, a, backend=backend),
         "norm_attention": lambda backend: norm_attention(attn, gram, backend=backend),
         "value_gram": lambda backend: value_gram(a, torch.randn(6, 4, device=device), 2, backend=backend),
+        "lens_topk": lambda backend: lens_topk(a, torch.randn(7, 4, device=device), 2, backend=backend),
     }
 
 
-@pytest.mark.parametrize("op", ["mean_cosine", "norm_attention", "value_gram"])
+@pytest.mark.parametrize("op", ["mean_cosine", "norm_attention", "value_gram", "lens_topk"])
 def test_unknown_backend_is_a_value_error(op):
     with pytest.raises(ValueError, match="backend must be one of"):
         _calls()[op]("cuda")
 
 
-@pytest.mark.parametrize("op", ["mean_cosine", "norm_attention", "value_gram"])
+@pytest.mark.parametrize("op", ["mean_cosine", "norm_attention", "value_gram", "lens_topk"])
 def test_triton_on_cpu_without_the_interpreter(op, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # CPU tensors, GPU or not
     with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
@@ -54,7 +55,7 @@ def test_numba_import_failure_keeps_the_import_error(monkeypatch):
     assert isinstance(info.value.__cause__, ImportError)
 
 
-@pytest.mark.parametrize("op", ["mean_cosine", "norm_attention", "value_gram"])
+@pytest.mark.parametrize("op", ["mean_cosine", "norm_attention", "value_gram", "lens_topk"])
 def test_device_mismatch_and_auto_fallback(op):
     """numba cannot take non-CPU tensors; "auto" then runs torch (meta tensors: shapes only)."""
     calls = _calls("meta")

@@ -27,12 +27,16 @@ def test_plain_zarr_and_xarray_read_every_group(store_path):
     root = zarr.open_group(str(store_path), mode="r")
     assert root.attrs["vislens_format_version"] == FORMAT_VERSION
     hidden = root["activations/hidden"]
-    assert hidden.metadata.dimension_names == ("sample", "layer", "token", "hidden")
+    assert hidden.metadata.dimension_names == ("sample", "layer", "token", "d_model")
     assert hidden.shards == (1,) + hidden.shape[1:]
     assert hidden.chunks == (1, 1) + hidden.shape[2:]
     for group in ("activations", "attention", "lens", "captions"):
         ds = xr.open_zarr(store_path, group=group, consolidated=False)
         assert len(ds.data_vars) > 0
+        assert not set(ds.data_vars) & set(ds.dims), f"{group}: a variable named like its own dimension"
+    attention = xr.open_zarr(store_path, group="attention", consolidated=False)
+    layers = root["activations/hidden"].shape[1] - 1
+    np.testing.assert_array_equal(attention["layer"].values, np.arange(1, layers + 1))  # decoder layers 1 .. L
     acts = xr.open_zarr(store_path, group="activations", consolidated=False)
     np.testing.assert_array_equal(acts.hidden.values, open_store(str(store_path))["activations"].hidden.values)
 
@@ -62,10 +66,10 @@ def test_tensorstore_reads_identical_values(store_path):
 
 def test_other_format_version_is_refused_and_nothing_changes(store_copy):
     doc = _root_doc(store_copy)
-    doc["attributes"]["vislens_format_version"] = 2
+    doc["attributes"]["vislens_format_version"] = 3
     _write_root(store_copy, doc)
     before = sorted(p.relative_to(store_copy) for p in store_copy.rglob("*"))
-    with pytest.raises(StoreFormatError, match="format version 2, but this vislens reads version 1"):
+    with pytest.raises(StoreFormatError, match="format version 3, but this vislens reads versions 1, 2"):
         open_store(str(store_copy))
     assert sorted(p.relative_to(store_copy) for p in store_copy.rglob("*")) == before
 
@@ -155,6 +159,6 @@ def test_extracting_into_a_store_of_another_version_is_refused(store_copy, toy_m
     doc = _root_doc(store_copy)
     doc["attributes"]["vislens_format_version"] = 7
     _write_root(store_copy, doc)
-    with pytest.raises(StoreFormatError, match="format version 7, this vislens writes version 1"):
+    with pytest.raises(StoreFormatError, match="format version 7, this vislens writes version 2"):
         extract(extract_config(toy_models["gqa"], manifest, str(store_copy)))
     assert _root_doc(store_copy)["attributes"]["vislens_format_version"] == 7

@@ -17,10 +17,18 @@ def _zarr(path, array, samples, layer):
     return zarr.open_array(str(path / array), mode="r").oindex[samples, layer]
 
 
+def test_attention_layers_are_numbered_from_one(store_path):
+    attn = zarr.open_array(str(store_path / "attention/attn"), mode="r")
+    np.testing.assert_array_equal(read_layer(str(store_path), 1, array="attention/attn"), attn[:, 0])
+    with pytest.raises(IndexError, match="layers 1 .. 3; layer 0"):
+        read_layer(str(store_path), 0, array="attention/attn")
+
+
 @pytest.mark.parametrize("array", ["activations/hidden", "attention/attn", "attention/value_gram"])
 def test_equals_zarr_for_every_per_sample_array(store_path, array):
     n = zarr.open_array(str(store_path / array), mode="r").shape[0]
     mask = np.arange(n) % 3 == 1
+    first = 1 if array.startswith("attention/") else 0  # attention holds decoder layers 1 .. L
     for layer, samples in [
         (0, None),
         (-1, [5, 0, -1]),
@@ -29,7 +37,8 @@ def test_equals_zarr_for_every_per_sample_array(store_path, array):
         (1, mask),
     ]:
         expect = _zarr(store_path, array, np.arange(n)[samples] if samples is not None else slice(None), layer)
-        got = read_layer(str(store_path), layer, samples, array=array)
+        label = layer + first if layer >= 0 else layer
+        got = read_layer(str(store_path), label, samples, array=array)
         assert got.dtype == expect.dtype and got.shape == expect.shape
         np.testing.assert_array_equal(got, expect)
 

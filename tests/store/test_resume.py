@@ -91,7 +91,7 @@ def test_rerun_with_other_arguments_is_refused_then_overwritten(toy_models, mani
     out = str(tmp_path / "s.zarr")
     extract(extract_config(toy_models["mha"], manifest, out, limit=2))
     before = open_store(out)["activations"].hidden.values
-    with pytest.raises(StoreMismatchError, match="different arguments.*--overwrite"):
+    with pytest.raises(StoreMismatchError, match="different arguments \\(limit: stored 2, now 3\\).*--overwrite"):
         extract(extract_config(toy_models["mha"], manifest, out, limit=3))
     np.testing.assert_array_equal(open_store(out)["activations"].hidden.values, before)
     result = extract(extract_config(toy_models["mha"], manifest, out, limit=3, overwrite=True))

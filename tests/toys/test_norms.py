@@ -25,7 +25,11 @@ def _norms(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {name: module for name, module in model.named_modules() if is_norm(module)}
 
 
-@pytest.mark.parametrize("kind", ["llava", "instructblip", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3"])
+KINDS = ["llava", "instructblip", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3"]
+KINDS += ["gemma3", "llava_onevision", "mllama", "smolvlm"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_saved_checkpoints_have_non_unit_norms_everywhere(kind, tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(_build(kind, tmp_path / "m", seed=3))
     norms = _norms(model)
@@ -48,7 +52,11 @@ def test_norms_follow_the_seed(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
         num_key_value_heads=1,
     )
     a, b, c = (LlamaForCausalLM(config) for _ in range(3))

@@ -12,6 +12,12 @@ prefixes are masked out with a 4D additive mask, and the tail's rotary positions
 those of the ablated input (`Adapter.ablated_positions`: shifted down in ``remove`` style,
 unchanged in ``block`` style; Qwen2-VL's 3-D positions follow its own rule).
 
+Where image tokens attend to each other in both directions (Gemma-3,
+`Adapter.image_attention_bidirectional`), removing one changes the keys and values of the kept
+image tokens before it too: the prefix pass then covers only the text before the image, and each
+setting recomputes its kept image tokens with its tail (one bidirectional block of the kept image
+tokens, causal elsewhere, as the model's own forward on the ablated input).
+
 The last input token is never fed: its prediction lies beyond the caption and is not scored.
 """
 
@@ -171,9 +177,24 @@ def caption_losses(adapter: Adapter, hidden: torch.Tensor, rows: torch.Tensor, t
     return -logp.gather(-1, targets[None, :, None].expand(rows.shape[0], -1, 1))[..., 0]
 
 
+def reusable_prefix(adapter: Adapter, pair: PairInput) -> int:
+    """Positions whose keys and values no ablation setting changes: the text before the image and
+    the image (`PairInput.prefix_len`), or the text before the image alone where image tokens
+    attend to each other in both directions (`Adapter.image_attention_bidirectional`)."""
+    return pair.image_start if adapter.image_attention_bidirectional else pair.prefix_len
+
+
+def image_flags(pair: PairInput, device: torch.device) -> torch.Tensor:
+    """(token,) bool: the image positions of the full input."""
+    flags = torch.zeros(pair.n_tokens, dtype=torch.bool, device=device)
+    flags[torch.as_tensor(pair.image_pos, device=device)] = True
+    return flags
+
+
 def run_prefix(adapter: Adapter, pair: PairInput, work: Work | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Keys and values, (1, kv_heads, prefix, head_dim) per layer, of the text before the image and all image tokens."""
-    n = pair.prefix_len
+    """Keys and values, (1, kv_heads, prefix, head_dim) per layer, of the `reusable_prefix` positions
+    (the text before the image and all image tokens, for causal image tokens)."""
+    n = reusable_prefix(adapter, pair)
     if n == 0:
         return []
     cache = adapter.ablation_cache()
@@ -194,9 +215,7 @@ def ablated_positions(
     """(setting, P, token) rotary positions of each setting's ablated input, positions ``[first, end)`` removed."""
     index = torch.arange(pair.n_tokens, device=first.device)
     removed = (index[None, :] >= first[:, None]) & (index[None, :] < end[:, None])
-    image = torch.zeros(pair.n_tokens, dtype=torch.bool, device=first.device)
-    image[torch.as_tensor(pair.image_pos, device=first.device)] = True
-    return adapter.ablated_positions(pair.rope, image, removed, shift)
+    return adapter.ablated_positions(pair.rope, image_flags(pair, first.device), removed, shift)
 
 
 def shared_prefix_losses(
@@ -233,27 +252,36 @@ def shared_prefix_losses(
     before = torch.arange(pair.caption_start, pair.n_tokens, device=device) - 1  # positions predicting the caption
     targets = pair.targets
     out = torch.empty(len(first_t), len(targets), dtype=torch.float32)
+    limit = reusable_prefix(adapter, pair)
+    image = image_flags(pair, device)
     for idx in batches(torch.as_tensor(np.argsort(spans[0], kind="stable")), batch_size):
-        kept, first = first_t[idx], end_t[idx]  # positions [0, kept) come from the cache; the tail starts at first
-        lengths = fed - first
+        removed, first = first_t[idx], end_t[idx]  # positions [removed, first) are removed; the tail goes on at first
+        kept = removed.clamp(max=limit)  # positions [0, kept) come from the cache
+        head = removed - kept  # kept positions recomputed before the removed span (bidirectional image tokens)
+        lengths = head + fed - first
         tail = int(lengths.max())
         cached = int(kept.max())
-        embeds = torch.zeros(len(idx), tail, pair.embeds.shape[-1], dtype=dtype, device=device)
-        for b in range(len(idx)):
-            embeds[b, : int(lengths[b])] = pair.embeds[int(first[b]) : fed]
+        steps = torch.arange(tail, device=device)[None, :]
+        columns = torch.where(steps < head[:, None], kept[:, None] + steps, first[:, None] + steps - head[:, None])
+        columns = columns.clamp(max=fed - 1)  # (batch, tail): position in the full input of each tail entry
+        valid = steps < lengths[:, None]
+        embeds = torch.where(valid[..., None], pair.embeds[columns], torch.zeros((), dtype=dtype, device=device))
         kv = [
             (k[:, :, :cached].expand(len(idx), -1, -1, -1), v[:, :, :cached].expand(len(idx), -1, -1, -1))
             for k, v in prefix
         ]
         cache = adapter.ablation_cache(kv if cached else None)
         keep = torch.arange(cached, device=device)[None, :] < kept[:, None]
-        causal = torch.ones(tail, tail, dtype=torch.bool, device=device).tril()
-        allowed = torch.cat([keep[:, None, :].expand(-1, tail, -1), causal[None].expand(len(idx), -1, -1)], dim=-1)
-        columns = (first[:, None] + torch.arange(tail, device=device)[None, :]).clamp(max=fed - 1)
-        rope = ablated_positions(adapter, pair, kept, first, shift)
+        causal = torch.ones(tail, tail, dtype=torch.bool, device=device).tril()[None].expand(len(idx), -1, -1)
+        if adapter.image_attention_bidirectional:
+            both = image[columns] & valid
+            causal = causal | (both[:, :, None] & both[:, None, :])
+        allowed = torch.cat([keep[:, None, :].expand(-1, tail, -1), causal], dim=-1)
+        rope = ablated_positions(adapter, pair, removed, first, shift)
         positions = rope.gather(2, columns[:, None, :].expand(-1, rope.shape[1], -1))
         hidden = adapter.ablation_decode(embeds, positions, additive_mask(allowed, dtype), cache)
-        out[idx] = caption_losses(adapter, hidden, before[None, :] - first[:, None], targets).cpu()
+        rows = head[:, None] + before[None, :] - first[:, None]
+        out[idx] = caption_losses(adapter, hidden, rows, targets).cpu()
         if work is not None:
             work.add(len(idx), tail, cached + tail)
     return out.numpy()

@@ -5,7 +5,9 @@
 the ablated input (`Adapter.ablated_positions`; the decoder builds its causal and padding mask).
 ``block`` style: the full input, with the key columns of the removed positions masked for every
 query after them (a 4D additive mask); positions unchanged. The removed positions' own rows are
-computed but nothing reads them. Slow and plain, for checking the shared-prefix engine.
+computed but nothing reads them. Where image tokens attend to each other in both directions
+(`Adapter.image_attention_bidirectional`, Gemma-3), the kept image tokens also see each other
+(a 4D mask in both styles). Slow and plain, for checking the shared-prefix engine.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from vislens.ablate.engine import (
     batches,
     caption_losses,
     check_pair,
+    image_flags,
 )
 from vislens.extract.adapters.base import Adapter
 
@@ -47,6 +50,8 @@ def naive_losses(
     before = torch.arange(pair.caption_start, pair.n_tokens, device=device) - 1
     targets = pair.targets
     col = torch.arange(fed, device=device)
+    bidirectional = adapter.image_attention_bidirectional
+    image = image_flags(pair, device)[:fed]
     out = torch.empty(len(spans[0]), len(targets), dtype=torch.float32)
     for idx in batches(torch.arange(len(spans[0])), batch_size):
         f, e = spans[0][idx], spans[1][idx]  # positions [f, e) removed
@@ -63,13 +68,23 @@ def naive_losses(
                 positions[b, :, : len(kept)] = rope[b][:, kept]
             mask = torch.arange(width, device=device)[None, :] < lengths[:, None]
             rows = before[None, :] - (e - f)[:, None]
+            if bidirectional:
+                both = torch.zeros(len(idx), width, dtype=torch.bool, device=device)
+                for b in range(len(idx)):
+                    both[b, : int(lengths[b])] = image[~removed[b]]
+                causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()[None] & mask[:, None, :]
+                mask = additive_mask(causal | (both[:, :, None] & both[:, None, :]), dtype)
         else:
             width = fed
             embeds = pair.embeds[None, :fed].expand(len(idx), -1, -1)
             positions = rope
             later = col[:, None] >= e[:, None, None]  # (batch, query, 1)
             causal = torch.ones(fed, fed, dtype=torch.bool, device=device).tril()
-            mask = additive_mask(causal[None] & ~(removed[:, None, :] & later), dtype)
+            allowed = causal[None] & ~(removed[:, None, :] & later)
+            if bidirectional:
+                both = image[None, :] & ~removed
+                allowed = allowed | (both[:, :, None] & both[:, None, :])
+            mask = additive_mask(allowed, dtype)
             rows = before[None, :].expand(len(idx), -1)
         hidden = adapter.ablation_decode(embeds, positions, mask)
         out[idx] = caption_losses(adapter, hidden, rows, targets).cpu()

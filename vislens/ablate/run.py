@@ -134,7 +134,9 @@ def _spec(
         caption=[by_sample[s] for s in range(len(data.records))],
         prompt_id=[p.id for p in prompts],
         prompt_text=[p.text for p in prompts],
-        captions=CaptionData([r.id for r in data.records], [r.captions for r in data.records]),
+        captions=CaptionData(
+            [r.id for r in data.records], [r.captions for r in data.records], [r.image for r in data.records]
+        ),
         root_attrs={"vislens_version": vislens.__version__, **provenance, "ablation": {"args": args, **run}},
     )
 
@@ -172,7 +174,7 @@ def _run_image(
     adapter = loaded.adapter
     with torch.inference_mode():
         inputs = encode_pairs(adapter, image, todo, config.resolved_device())
-        prefixes: dict[bytes, list] = {}
+        prefixes: dict[bytes, tuple[torch.Tensor, list]] = {}  # prefix token ids -> (its embeddings, its cache)
         for planned, pair in zip(todo, inputs):
             fits, start, stop = settings.for_input(pair.n_image)
             start = np.append(start, pair.n_image)  # last row: nothing removed (the full loss)
@@ -181,10 +183,12 @@ def _run_image(
             if config.method == "naive":
                 losses = naive_losses(adapter, pair, start, stop, **options)
             else:
-                key = pair.token_ids[: pair.prefix_len].tobytes()
-                if key not in prefixes:
-                    prefixes[key] = run_prefix(adapter, pair, work)
-                losses = shared_prefix_losses(adapter, pair, start, stop, prefix=prefixes[key], **options)
+                # prompts share a prefix only if its embeddings are equal too: InstructBLIP's image
+                # features depend on the prompt (its Q-Former reads it), its placeholder ids do not
+                key, embeds = pair.token_ids[: pair.prefix_len].tobytes(), pair.embeds[: pair.prefix_len]
+                if key not in prefixes or not torch.equal(prefixes[key][0], embeds):
+                    prefixes[key] = (embeds, run_prefix(adapter, pair, work))
+                losses = shared_prefix_losses(adapter, pair, start, stop, prefix=prefixes[key][1], **options)
             writer.write_pair(planned.sample, planned.prompt, _pair_arrays(pair, losses, fits, settings, config))
             bar.update(1)
 

@@ -32,6 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import xarray as xr  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from vislens.analyze.common import StoreLike, group, label  # noqa: E402
 from vislens.errors import StoreFormatError  # noqa: E402
@@ -179,6 +180,8 @@ def plot_truncation(curve: pd.DataFrame, line: float, path: str | Path) -> Path:
     ax.axhline(line, color="black", linestyle="--", linewidth=1, label=f"threshold {line:.3f}")
     ax.set_xlabel("image tokens kept (k)")
     ax.set_ylabel("mean caption loss")
+    ax.set_title("caption loss vs image tokens kept (truncation)", fontsize=10)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -219,8 +222,11 @@ def plot_masking(table: pd.DataFrame, path: str | Path) -> Path:
     axes[1].axhline(0, color="grey", linewidth=0.8)
     axes[0].set_ylabel("mean caption loss (dashed: nothing masked)")
     axes[1].set_ylabel("loss change from masking")
+    axes[0].set_title("caption loss with image tokens masked", fontsize=10)
+    axes[1].set_title("change from the unmasked loss (below 0: masking helps)", fontsize=10)
     for ax in axes:
-        ax.set_xlabel("first masked image token")
+        ax.set_xlabel("first masked image token (0-based)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()

@@ -2,7 +2,8 @@
 
 NA(q, j) = |sum_h alpha^h_qj f_h(x_j)|, the head-summed norm of what query q takes from source
 token j (`vislens.kernels.norm_attention`, from ``attn`` and ``value_gram``). Layer l is the
-attention inside decoder layer l (numbered from 0).
+attention inside decoder layer l, numbered 1 .. L as in the store (its input is hidden state
+l - 1 and its output hidden state l, the numbering of the other analyses).
 
 - ``image_share`` (per layer): for each text query row q, sum over image tokens j of NA(q, j)
   divided by the sum over all j of NA(q, j); the mean over the text query rows of a sample,
@@ -18,7 +19,18 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from vislens.analyze.common import StoreLike, as_text, as_tree, compute, finished, group, label, long_table
+from vislens.analyze.common import (
+    StoreLike,
+    as_text,
+    as_tree,
+    compute,
+    finished,
+    group,
+    label,
+    long_table,
+    mean_by,
+    sample_coords,
+)
 from vislens.errors import StoreFormatError
 from vislens.store import IMAGE, TEXT
 
@@ -34,6 +46,7 @@ def _block(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per sample of a block: image share, share after the image (layer,), last-query NA (layer, token)."""
     from vislens.kernels import norm_attention
+    from vislens.kernels.sample_stats import attention_shares
 
     s, n_layers = attn.shape[:2]
     share = np.full((s, n_layers), np.nan)
@@ -45,30 +58,58 @@ def _block(
         _, summed = norm_attention(
             torch.from_numpy(attn[i][:, :, rows, :n]), torch.from_numpy(gram[i][:, :n]), backend=backend
         )
-        summed = summed.numpy()  # (layer, q, n)
         positions = query_pos[i][rows]
-        image = modality[i][:n] == IMAGE
-        text_rows = modality[i][positions] == TEXT
-        totals = summed.sum(-1)
-        shares = np.divide(summed[..., image].sum(-1), totals, out=np.zeros_like(totals), where=totals > 0)
-        if text_rows.any():
-            share[i] = shares[:, text_rows].mean(-1)
-        seen = text_rows & (positions > (np.argmax(image) if image.any() else n))
-        if seen.any():
-            after[i] = shares[:, seen].mean(-1)
-        is_last = np.flatnonzero(positions == n - 1)
-        if is_last.size:
-            last[i, :, :n] = summed[:, is_last[0]]
+        shares = attention_shares(
+            summed,
+            torch.from_numpy(positions),
+            torch.from_numpy(modality[i][:n] == IMAGE),
+            torch.from_numpy(modality[i][positions] == TEXT),
+        )
+        share[i], after[i], last[i, :, :n] = (x.numpy() for x in shares)
     return share, after, last
 
 
-def norm_attention_per_sample(store: StoreLike, *, backend: str = "auto", samples_per_task: int = 2) -> xr.Dataset:
+STAT_GROUP = "norm_attention"
+"""``results/norm_attention``: these statistics computed during extraction (``--compute norm-attention``)."""
+
+
+def _from_results(tree: xr.DataTree, keep: np.ndarray) -> xr.Dataset | None:
+    if "results" not in tree.children or STAT_GROUP not in tree["results"].children:
+        return None
+    ds = tree["results"][STAT_GROUP].to_dataset(inherit=False)
+    share = ds.get("image_share")
+    if share is None or share.attrs.get("source_fingerprint") != tree.attrs.get("vislens_fingerprint"):
+        return None
+    return ds[["image_share", "image_share_after_image", "last_query"]].sel(sample=keep)
+
+
+def norm_attention_per_sample(
+    store: StoreLike, *, backend: str = "auto", samples_per_task: int = 2, source: str = "auto"
+) -> xr.Dataset:
     """Lazy per finished sample: ``image_share``, ``image_share_after_image`` (sample, layer) and
-    ``last_query`` (sample, layer, token), NaN/0 where a sample has no such query row."""
+    ``last_query`` (sample, layer, token), NaN/0 where a sample has no such query row.
+
+    ``source``: ``auto`` reads the statistics computed during extraction (``--compute
+    norm-attention``) when the store has them, else computes them from the attention group;
+    ``attention`` always computes; ``results`` always reads.
+    """
     tree = as_tree(store)
     acts = group(tree, "activations")
-    attention = group(tree, "attention")
     keep = finished(acts)["sample"].values
+    stored = _from_results(tree, keep) if source != "attention" else None
+    if stored is not None:
+        stored.attrs["source"] = "computed during extraction (results/norm_attention)"
+        return _labelled(stored, acts.sel(sample=keep))
+    if source == "results":
+        raise StoreFormatError("this store has no norm-attention statistics computed during extraction")
+    if "attention" not in tree.children:
+        keep_attrs = tree.attrs.get("keep", [])
+        raise StoreFormatError(
+            f"this store holds no attention group (extracted with --attention {tree.attrs.get('attention_mode', '?')} "
+            f"--keep {','.join(keep_attrs) or 'none'}): norm-based attention needs it, or --compute norm-attention "
+            "during extraction; re-extract with --attention text (or last/all) and --keep attention"
+        )
+    attention = group(tree, "attention")
     acts, attention = acts.sel(sample=keep), attention.sel(sample=keep)
     chunks = {"sample": samples_per_task}
     share, after, last = xr.apply_ufunc(
@@ -92,24 +133,36 @@ def norm_attention_per_sample(store: StoreLike, *, backend: str = "auto", sample
     )
     out = xr.Dataset({"image_share": share, "image_share_after_image": after, "last_query": last})
     out["layer"] = attention["layer"]
-    return out.assign_coords(prompt_kind=as_text(acts["prompt_kind"]), image_id=as_text(acts["image_id"]))
+    out.attrs["source"] = "computed from the attention group"
+    return _labelled(out, acts)
 
 
-def norm_attention(store: StoreLike, *, backend: str = "auto", progress: bool = False) -> xr.Dataset:
-    """Mean image shares over samples per prompt kind and layer (dims prompt_kind, layer)."""
+def _labelled(out: xr.Dataset, acts: xr.Dataset) -> xr.Dataset:
+    long_names = {
+        "image_share": "share of the text queries' norm-based attention on image tokens",
+        "image_share_after_image": "share of norm-based attention on image tokens, text queries after the first image token",
+        "last_query": "norm-based attention from the last prompt token to each token",
+    }
+    for name, text in long_names.items():
+        out[name].attrs = {"long_name": text}
+    return out.assign_coords(sample_coords(acts))
+
+
+def norm_attention(store: StoreLike, *, by: str = "kind", backend: str = "auto", progress: bool = False) -> xr.Dataset:
+    """Mean image shares over samples per prompt kind or prompt (``by``) and layer."""
     per_sample = compute(
         norm_attention_per_sample(store, backend=backend)[["image_share", "image_share_after_image"]], progress=progress
     )
-    means = per_sample.drop_vars("image_id").groupby("prompt_kind").mean("sample")
-    means["n_samples"] = per_sample["image_share"].isel(layer=0).groupby("prompt_kind").count("sample")
-    return means
+    return mean_by(per_sample, by)
 
 
-def norm_attention_table(stores: list[StoreLike], *, backend: str = "auto", progress: bool = False) -> pd.DataFrame:
-    """Long table: store, model, prompt_kind, layer, image_share, image_share_after_image, n_samples."""
+def norm_attention_table(
+    stores: list[StoreLike], *, by: str = "kind", backend: str = "auto", progress: bool = False
+) -> pd.DataFrame:
+    """Long table: store, model, prompt columns, layer, image_share, image_share_after_image, n_samples."""
     return long_table(
         stores,
-        lambda tree: norm_attention(tree, backend=backend, progress=progress),
+        lambda tree: norm_attention(tree, by=by, backend=backend, progress=progress),
         ["image_share", "image_share_after_image", "n_samples"],
     )
 
@@ -156,8 +209,8 @@ def top_image_tokens(store: StoreLike, samples: list[int], *, top: int = 10, bac
         image_pos = np.flatnonzero(modality == IMAGE)
         grid_rows, grid_cols = (int(v) for v in acts["image_grid"].sel(sample=s).values)
         heat = per["last_query"].sel(sample=s).values[:, image_pos]  # (layer, image tokens)
-        for layer in range(heat.shape[0]):
-            order = np.argsort(-heat[layer], kind="stable")[:top]
+        for row_of_layer, layer in enumerate(per["layer"].values):
+            order = np.argsort(-heat[row_of_layer], kind="stable")[:top]
             for rank, k in enumerate(order):
                 gridded = grid_cols > 0 and grid_rows * grid_cols == image_pos.size
                 rows.append(
@@ -166,13 +219,13 @@ def top_image_tokens(store: StoreLike, samples: list[int], *, top: int = 10, bac
                         "sample": s,
                         "image_id": str(acts["image_id"].sel(sample=s).values),
                         "prompt_kind": str(acts["prompt_kind"].sel(sample=s).values),
-                        "layer": layer,
+                        "layer": int(layer),
                         "rank": rank,
                         "image_token": int(k),
                         "position": int(image_pos[k]),
                         "row": int(k // grid_cols) if gridded else -1,
                         "col": int(k % grid_cols) if gridded else -1,
-                        "norm_attention": float(heat[layer, k]),
+                        "norm_attention": float(heat[row_of_layer, k]),
                     }
                 )
     return pd.DataFrame(rows)

@@ -1,23 +1,32 @@
-"""From decoded tokens and captions to sets of words, and precision/recall between them.
+"""From decoded token ids and captions to words, and the logit lens's scores (docs/methods.md).
 
 The rules, exactly (so that results are reproducible):
 
-1. Decoded text: the texts of the token ids in position order (``lens/vocab_text``: each
-   token's text as it reads after other text, leading space kept), concatenated, so that a
-   piece without a leading space continues the previous word; special tokens count as a space.
-2. Lowercase; words are the maximal runs of Unicode letters and digits (everything else,
-   punctuation, apostrophes and underscores included, separates words).
-3. Drop the stop words: NLTK's English list (179 words), shipped in
+1. **Each image token is its own prediction.** A token id is decoded on its own: its text
+   (``lens/vocab_text``), stripped of whitespace, lowercased, with every character that is not
+   a letter or digit removed (punctuation, apostrophes, underscores, the ``▁`` marker). What is
+   left is the token's word; special tokens, tokens with nothing left, and stop words give no
+   word. The texts of neighbouring image positions are never joined: ``▁ele`` at one patch and
+   ``phant`` at the next are the words "ele" and "phant", not "elephant".
+2. **Reference words** of an image: the words of all its reference captions, each caption
+   lowercased and split into maximal runs of letters and digits, stop words dropped.
+3. **Stop words**: NLTK's English list (179 words), shipped in
    ``vislens/data/stopwords_nltk_english.txt``.
-4. For one image and layer: D = the set of distinct words decoded from its image tokens, R =
-   the set of words of all its reference captions, both after 1-3;
-   precision = |D & R| / |D| (0 when D is empty), recall = |D & R| / |R|.
+4. For one sample and layer, with top-k ids per image token, D the set of distinct words of all
+   its image tokens' ids and R the set of reference words:
+
+   - ``precision`` = |D & R| / |D| (0 when D is empty): per distinct word;
+   - ``token_precision`` = image tokens with a word in R among their top-k words / image tokens
+     with at least one word (0 when none): per hidden state, the study's "a visual hidden state
+     is decoded correctly if its decoded word matches the ground-truth caption";
+   - ``recall`` = |D & R| / |R|.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
@@ -35,19 +44,19 @@ def stop_words() -> frozenset[str]:
 
 
 def words(text: str) -> list[str]:
-    """Lowercased words of ``text`` without punctuation and stop words (rules 2-3)."""
+    """Lowercased words of a caption: maximal runs of letters and digits, stop words dropped (rule 2)."""
     stop = stop_words()
     return [w for w in _WORD.findall(text.lower()) if w not in stop]
 
 
-def decode(ids: Iterable[int], vocab_text: Sequence[str], vocab_special: np.ndarray) -> str:
-    """Concatenate token texts in order; special tokens become a space (rule 1)."""
-    return "".join(" " if vocab_special[i] else vocab_text[i] for i in ids)
-
-
-def decoded_words(ids: Iterable[int], vocab_text: Sequence[str], vocab_special: np.ndarray) -> set[str]:
-    """The set D of distinct words decoded from a sequence of token ids."""
-    return set(words(decode(ids, vocab_text, vocab_special)))
+def token_word(text: str, special: bool = False) -> str | None:
+    """The word one token stands for on its own, or None (rule 1)."""
+    if special:
+        return None
+    word = "".join(_WORD.findall(text.strip().lower()))
+    if not word or word in stop_words():
+        return None
+    return word
 
 
 def reference_words(captions: Iterable[str]) -> set[str]:
@@ -55,9 +64,55 @@ def reference_words(captions: Iterable[str]) -> set[str]:
     return {w for caption in captions for w in words(caption)}
 
 
-def precision_recall(decoded: set[str], reference: set[str]) -> tuple[float, float]:
-    """(|D & R| / |D| or 0, |D & R| / |R|); recall is NaN when R is empty."""
-    hits = len(decoded & reference)
-    precision = hits / len(decoded) if decoded else 0.0
-    recall = hits / len(reference) if reference else float("nan")
-    return precision, recall
+@dataclass(frozen=True)
+class Vocabulary:
+    """Each token id's word as an index into ``words`` (-1: no word), for vectorised scoring."""
+
+    word_of_id: np.ndarray
+    words: list[str]
+
+    @classmethod
+    def build(cls, vocab_text: Sequence[str], vocab_special: np.ndarray) -> Vocabulary:
+        """Rule 1 applied to every token of the vocabulary."""
+        index: dict[str, int] = {}
+        word_of_id = np.full(len(vocab_text), -1, dtype=np.int64)
+        for i, text in enumerate(vocab_text):
+            word = token_word(str(text), bool(vocab_special[i]))
+            if word is not None:
+                word_of_id[i] = index.setdefault(word, len(index))
+        return cls(word_of_id, list(index))
+
+    def decoded_words(self, ids: Iterable[int]) -> set[str]:
+        """The set D of distinct words of some token ids (ids outside the vocabulary give none)."""
+        out = set()
+        for i in ids:
+            if 0 <= i < self.word_of_id.size and self.word_of_id[i] >= 0:
+                out.add(self.words[self.word_of_id[i]])
+        return out
+
+    def reference_mask(self, reference: set[str]) -> np.ndarray:
+        """Boolean over ``words``: which decodable words are reference words."""
+        return np.fromiter((w in reference for w in self.words), dtype=bool, count=len(self.words))
+
+
+def scores(top: np.ndarray, vocabulary: Vocabulary, reference: set[str]) -> np.ndarray:
+    """(layer, image token, k) top-k ids of one sample -> (layer, 3): precision, token_precision, recall.
+
+    Recall is NaN when the reference has no words.
+    """
+    ids = np.asarray(top, dtype=np.int64)
+    inside = (ids >= 0) & (ids < vocabulary.word_of_id.size)
+    word = np.where(inside, vocabulary.word_of_id[np.clip(ids, 0, vocabulary.word_of_id.size - 1)], -1)
+    in_ref = np.append(vocabulary.reference_mask(reference), False)  # index -1 -> False
+    has_word = word >= 0
+    hit = in_ref[word] & has_word
+    out = np.zeros((ids.shape[0], 3), dtype=np.float64)
+    tokens_with_word = has_word.any(-1).sum(-1)
+    tokens_hit = hit.any(-1).sum(-1)
+    out[:, 1] = np.divide(tokens_hit, tokens_with_word, out=np.zeros(ids.shape[0]), where=tokens_with_word > 0)
+    for layer in range(ids.shape[0]):
+        distinct = np.unique(word[layer][has_word[layer]])
+        hits = int(in_ref[distinct].sum())
+        out[layer, 0] = hits / distinct.size if distinct.size else 0.0
+        out[layer, 2] = hits / len(reference) if reference else np.nan
+    return out

@@ -51,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """Keep the libraries' chatter out of a normal run (``-v`` shows it): transformers' warnings
+    (e.g. its torchvision fallback notice on every model load) and load/save progress bars, and
+    the INFO logs of Dask's scheduler and workers."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vislens`` command."""
     parser = build_parser()
@@ -58,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    if not args.verbose:
+        quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except VislensError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vislens.cli.common import storage_options
+from vislens.cli.common import HelpFormatter, storage_options
 
 
 def _ks(text: str) -> tuple[int, ...]:
@@ -35,10 +35,10 @@ def add_ablate(sub: argparse._SubParsersAction) -> None:
         description=(
             "For every image and prompt, the teacher-forced loss of a reference caption (mean cross-entropy of "
             "the caption tokens; input = the prompt in the chat template, a space, the caption) with image "
-            "tokens truncated or masked (METHODS.md, analysis 4). One pass over the image prefix serves every "
+            "tokens truncated or masked (docs/methods.md, analysis 4). One pass over the image prefix serves every "
             "setting. Results go to the store's ablation group; rerunning the same command resumes."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", required=True, help="checkpoint folder or hub id (e.g. llava-hf/llava-1.5-7b-hf)")
     p.add_argument("--data", required=True, help="data spec: JSONL manifest, synthetic[:N], coco:PATH, winoground:PATH")
@@ -120,11 +120,11 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 def add_ablation_analysis(asub: argparse._SubParsersAction) -> None:
     c = asub.add_parser(
         "ablation",
-        help="loss vs image tokens kept or masked (figures 4.6, 4.7)",
-        description="Summaries of a `vislens ablate` group (METHODS.md, analysis 4): truncation curves per prompt "
-        "with the study's threshold and the smallest fraction of image tokens giving 70%% of the loss reduction, "
+        help="loss vs image tokens kept or masked (the study's figures 4.6, 4.7)",
+        description="Summaries of a `vislens ablate` group (docs/methods.md, analysis 4): truncation curves per prompt "
+        "with the study's threshold and the smallest fraction of image tokens giving 70% of the loss reduction, "
         "or the loss per masked token/interval; CSV tables and PNG figures in DIR.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     c.add_argument("store", metavar="STORE", help="store path or URL")
     c.add_argument("--out", required=True, help="output folder")

@@ -8,6 +8,27 @@ from contextlib import nullcontext
 from typing import Any
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Help that shows real defaults only: not for required options, flags, or options whose default
+    is 'not given' (their help says what happens then); lists print as ``a,b`` as typed."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "(default" in text
+            or action.required
+            or default is None
+            or default is False
+            or default == argparse.SUPPRESS
+            or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction))
+            or not action.option_strings
+        ):
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
 def storage_options(text: str | None) -> dict[str, Any]:
     """Parse ``--storage-options`` JSON."""
     if not text:
@@ -41,7 +62,19 @@ def dask_context(workers: int):
     """A local Dask cluster of ``workers`` processes, or the default threads when 0."""
     if workers <= 0:
         return nullcontext()
+    import logging
+
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    quiet = logging.getLogger("vislens").getEffectiveLevel() > logging.INFO
+    if quiet:  # distributed sets its loggers to INFO when imported; -v keeps them
+        for name in ("distributed", "distributed.core", "distributed.http.proxy", "distributed.batched"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        silence_logs=logging.ERROR if quiet else logging.INFO,
+    )
     return Client(cluster)

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from vislens.cli.common import kinds
+from vislens.cli.common import HelpFormatter, kinds
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +17,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
         "(DIR/instructblip.zarr) on held-out shapes-world images, add a truncation ablation to each store and run "
         "every analysis into DIR (DIR/report/index.html). No downloads; about a minute on 2 CPU cores. "
         "The toys are described in docs/toy-model.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n", type=int, default=24, help="held-out shapes-world images")
@@ -48,7 +48,7 @@ def add_toy(sub: argparse._SubParsersAction) -> None:
         "toy (llava or instructblip, docs/toy-model.md); else a random-init checkpoint of any supported family, "
         "built once with an offline tokenizer and the family's real processor. `vislens toy train` trains a toy "
         "from scratch on the CPU.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--family", default="llava", choices=TOY_FAMILIES, help="model family")
     p.add_argument("--trained", action="store_true", help="the shipped trained toy (llava or instructblip)")
@@ -60,7 +60,7 @@ def add_toy(sub: argparse._SubParsersAction) -> None:
         description="Train the toy LLaVA or InstructBLIP from scratch on the shapes world in three stages (text-only "
         "decoder pretraining, projector alignment with the decoder frozen, joint tuning), fully seeded, on the CPU, "
         "and save it with save_pretrained into --out. About 10 minutes per toy on 2 quiet CPU cores.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     t.add_argument("--family", default="llava", choices=TRAINED_FAMILIES, help="model family")
     t.add_argument("--out", required=True, help="output folder (the shipped toys: vislens/toys/weights/FAMILY)")

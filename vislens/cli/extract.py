@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vislens.cli.common import kinds, shard, storage_options
+from vislens.cli.common import HelpFormatter, kinds, shard, storage_options
 
 
 def add_extract(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +16,7 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
             "decoder layer, plus attention data for norm-based attention, into a Zarr v3 store. "
             "Rerunning the same command resumes; --shard i/n splits the work over processes."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", required=True, help="checkpoint folder or hub id (e.g. llava-hf/llava-1.5-7b-hf)")
     p.add_argument(
@@ -47,7 +47,13 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", help="one custom instruction instead of the study's ten normal prompts")
     p.add_argument("--prompts-file", help='JSON {"id": "prompt"} replacing the ten normal prompts')
     p.add_argument(
-        "--all-prompts", action="store_true", help="every normal prompt for every image (default: cycle through them)"
+        "--noisy-prompts-file",
+        help='JSON {"id": "text"} or a list of fixed noisy strings (e.g. the study\'s own) used instead of random ones',
+    )
+    p.add_argument(
+        "--all-prompts",
+        action="store_true",
+        help="every prompt of the normal (and fixed noisy) set for every image; without it, image i gets prompt i mod n",
     )
     p.add_argument(
         "--limit",
@@ -71,6 +77,44 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
         choices=["none", "last", "text", "all"],
         help="query rows whose attention is stored",
     )
+    p.add_argument(
+        "--keep",
+        type=_keep,
+        default=("hidden", "attention"),
+        help="what the store holds per sample: hidden, attention (weights and value Gram matrices), both, or "
+        "none (statistics only, with --compute); a 7B sample's hidden states are ~170 MB",
+    )
+    p.add_argument(
+        "--capture",
+        type=_capture,
+        default=(),
+        help="more capture points beside the decoder's residual stream, each its own array in the store's captures "
+        "group: vision.layers, projector, decoder.attn_out, decoder.mlp_out, or re:REGEX for the outputs of modules "
+        "whose name matches (model.named_modules())",
+    )
+    p.add_argument(
+        "--compute",
+        type=kinds,
+        default=(),
+        help="statistics computed during extraction on the model's device, into the store's results group "
+        "(analyses then need no hidden states): cosine, norm-attention, lens; e.g. cosine,norm-attention,lens",
+    )
+    p.add_argument(
+        "--layers",
+        help="hidden-state layers to keep: start:stop[:step] or a list, e.g. 0:33:4 or 0,16,32 (0 = embeddings, "
+        "l = output of decoder layer l; attention keeps the same decoder layers); statistics use every layer",
+    )
+    p.add_argument(
+        "--lens-topk",
+        type=int,
+        metavar="K",
+        help="compute the logit lens's top-K ids and logits during extraction, on the model's device (implies "
+        "--compute lens; default K with --compute lens: 5, enough to re-score up to top-5 at ~0.6 MB per 7B sample; "
+        "the study uses top-1)",
+    )
+    p.add_argument(
+        "--lens-all-tokens", action="store_true", help="--compute lens decodes every token, not only the image tokens"
+    )
     p.add_argument("--keep-bits", type=int, help="LOSSY: keep N of fp16's 10 mantissa bits of hidden states (1-10)")
     p.add_argument("--shard", type=shard, default=(0, 1), help="this process's share i/n of the samples")
     p.add_argument(
@@ -86,8 +130,25 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_extract)
 
 
+def _keep(text: str) -> tuple[str, ...]:
+    """Parse ``--keep``: a comma list of hidden, attention, or none."""
+    items = kinds(text)
+    return () if items == ("none",) else items
+
+
+def _capture(text: str) -> tuple[str, ...]:
+    """Parse ``--capture`` (checked by vislens.extract.modules.parse_capture)."""
+    from vislens.extract.modules import parse_capture
+
+    try:
+        return parse_capture(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _cmd_extract(args: argparse.Namespace) -> int:
     from vislens.extract import ExtractConfig, extract
+    from vislens.extract.config import LENS_TOPK
 
     config = ExtractConfig(
         model=args.model,
@@ -96,6 +157,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         prompts=args.prompts,
         prompt=args.prompt,
         prompts_file=args.prompts_file,
+        noisy_prompts_file=args.noisy_prompts_file,
         all_prompts=args.all_prompts,
         images=args.images,
         split=args.split,
@@ -107,6 +169,12 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         revision=args.revision,
         attention=args.attention,
+        keep=args.keep,
+        capture=args.capture,
+        compute=args.compute + (("lens",) if args.lens_topk and "lens" not in args.compute else ()),
+        layers=args.layers,
+        lens_topk=args.lens_topk or LENS_TOPK,
+        lens_all_tokens=args.lens_all_tokens,
         keep_bits=args.keep_bits,
         shard=args.shard,
         block=args.block,

@@ -39,6 +39,8 @@ class AttentionCapture:
         from vislens.kernels import value_gram
 
         layer = int(module.layer_idx)
+        if layer in self.adapter.cross_attention_layers:
+            return  # attends to image features, not to the sequence: filled with NaN (`fill_cross_attention`)
         rows = self.query_pos.clamp(min=0).to(weights.device)  # (B, Q); -1 rows are dropped later
         batch = torch.arange(weights.shape[0], device=weights.device)[:, None]
         picked = weights[batch, :, rows, :]  # (B, Q, H, N)
@@ -47,6 +49,17 @@ class AttentionCapture:
         values = value.transpose(1, 2).reshape(b, n, kv * d)
         shape = self.adapter.attention_shape
         self.gram[layer] = value_gram(values, self.adapter.o_proj(layer).weight, shape.n_heads)
+
+    def fill_cross_attention(self) -> None:
+        """NaN weights and Gram matrices for the decoder's cross-attention layers (Mllama), shaped as
+        a captured self-attention layer's: norm-based attention is not defined there."""
+        layers = self.adapter.cross_attention_layers
+        if not layers or not self.weights:
+            return
+        some = next(iter(self.weights))
+        for layer in layers:
+            self.weights[layer] = torch.full_like(self.weights[some], float("nan"))
+            self.gram[layer] = torch.full_like(self.gram[some], float("nan"))
 
 
 def _attention(
@@ -107,6 +120,7 @@ def capture_attention(adapter: Adapter, query_pos: torch.Tensor) -> Iterator[Att
     finally:
         decoder.set_attn_implementation(before)
         _ACTIVE.reset(token)
+    capture.fill_cross_attention()
     missing = sorted(set(range(len(adapter.layers))) - set(capture.weights))
     if missing:
         raise ModelError(

@@ -15,7 +15,7 @@ from vislens.extract.adapters.base import Adapter
 from vislens.extract.config import ExtractConfig
 from vislens.extract.datasets import DataSet, ImageRecord
 from vislens.extract.images import image_size
-from vislens.extract.prompts import KINDS, Prompt, noisy_prompt, normal_prompts
+from vislens.extract.prompts import KINDS, Prompt, noisy_prompt, noisy_prompts, normal_prompts
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,18 @@ def prompt_kinds(config: ExtractConfig) -> tuple[str, ...]:
 
 
 def _prompts_for(
-    i: int, kind: str, config: ExtractConfig, normal: list[Prompt], vocab: tuple[list[str], np.ndarray]
+    i: int,
+    kind: str,
+    config: ExtractConfig,
+    normal: list[Prompt],
+    noisy: list[Prompt] | None,
+    vocab: tuple[list[str], np.ndarray],
 ) -> list[Prompt]:
     if kind == "normal":
         return list(normal) if config.all_prompts else [normal[i % len(normal)]]
     if kind == "noisy":
+        if noisy is not None:  # fixed strings from --noisy-prompts-file
+            return list(noisy) if config.all_prompts else [noisy[i % len(noisy)]]
         return [noisy_prompt(vocab[0], vocab[1], config.noise_seed, i)]
     return [Prompt("empty", "empty", "")]
 
@@ -62,12 +69,13 @@ def make_plan(
         normal = [Prompt("normal", "custom", config.prompt)]
     else:
         normal = normal_prompts(config.prompts_file)
+    noisy = noisy_prompts(config.noisy_prompts_file) if config.noisy_prompts_file else None
     placeholder = adapter.image_placeholder
     samples: list[Sample] = []
     for i, record in enumerate(dataset.records):
         size = None if adapter.fixed_image_tokens else image_size(record.image)
         for kind in kinds:
-            for prompt in _prompts_for(i, kind, config, normal, vocab):
+            for prompt in _prompts_for(i, kind, config, normal, noisy, vocab):
                 if kind == "noisy":
                     prompt = Prompt(prompt.kind, prompt.id, prompt.text.replace(placeholder, " "))
                 text = adapter.format_prompt(prompt.text)

@@ -26,6 +26,16 @@ class Prompt:
 
 def normal_prompts(path: str | Path | None = None) -> list[Prompt]:
     """The study's ten normal prompts, or those of a JSON file ``{"id": "text", ...}``."""
+    return prompts_from_file(path, "normal")
+
+
+def noisy_prompts(path: str | Path) -> list[Prompt]:
+    """Fixed noisy prompts (e.g. the study's own strings) from a JSON file ``{"id": "text", ...}`` or a list."""
+    return prompts_from_file(path, "noisy")
+
+
+def prompts_from_file(path: str | Path | None, kind: str) -> list[Prompt]:
+    """Prompts of one kind from a JSON file (``{"id": "text"}`` or a list); None: the shipped normal prompts."""
     if path is None:
         raw = resources.files("vislens.data").joinpath("prompts_normal.json").read_text()
         where = "the shipped prompts"
@@ -43,18 +53,32 @@ def normal_prompts(path: str | Path | None = None) -> list[Prompt]:
         items = {str(i): text for i, text in enumerate(items)}
     if not isinstance(items, dict) or not items or not all(isinstance(t, str) and t.strip() for t in items.values()):
         raise DataError(f'{where}: expected {{"id": "prompt text", ...}} with non-empty texts')
-    return [Prompt("normal", str(k), v) for k, v in items.items()]
+    return [Prompt(kind, str(k), v) for k, v in items.items()]
 
 
 def noisy_prompt(vocabulary: list[str], special: np.ndarray, seed: int, index: int) -> Prompt:
     """A string of 10-15 tokens drawn from the model's vocabulary, reproducible by (seed, index).
 
     ``vocabulary`` holds each token's text as it appears after other text (leading space kept);
-    ``special`` marks special tokens, which are never drawn.
+    ``special`` marks special tokens, which are never drawn. Where neighbouring pieces happen to
+    spell a special token's text (``<`` ``s`` ``>`` is ``<s>``, which a tokenizer reads as BOS),
+    that text is replaced by a space.
     """
     rng = np.random.default_rng([seed, index])
     pool = np.flatnonzero(~special)
     length = int(rng.integers(NOISY_LENGTH[0], NOISY_LENGTH[1] + 1))
     ids = rng.choice(pool, size=length, replace=True)
-    text = "".join(vocabulary[i] for i in ids).strip()
-    return Prompt("noisy", f"{seed}-{index}", text)
+    text = "".join(vocabulary[i] for i in ids)
+    text = without_special_texts(text, [vocabulary[i] for i in np.flatnonzero(special)])
+    return Prompt("noisy", f"{seed}-{index}", text.strip())
+
+
+def without_special_texts(text: str, specials: list[str]) -> str:
+    """``text`` with every occurrence of a special token's text replaced by a space (until none is left)."""
+    markers = sorted({m.strip() for m in specials if m.strip()}, key=len, reverse=True)
+    while True:
+        found = [m for m in markers if m in text]
+        if not found:
+            return text
+        for marker in found:
+            text = text.replace(marker, " ")

@@ -17,9 +17,12 @@ import vislens
 from vislens.errors import ImageError, ModelError
 from vislens.extract.adapters import LoadedModel, load_adapter
 from vislens.extract.capture import capture_attention
-from vislens.extract.config import ExtractConfig, fingerprint
+from vislens.extract.config import COMPUTE, ExtractConfig, fingerprint, parse_layers
 from vislens.extract.datasets import DataSet, load_data
+from vislens.extract.final_norm import FinalNormCheck, check_final_norm
+from vislens.extract.host import HostBatch
 from vislens.extract.images import load_image
+from vislens.extract.modules import CaptureArray, capture_modules, describe, stacked
 from vislens.extract.plan import Sample, make_plan, query_capacity
 from vislens.store import schema
 from vislens.store.create import CaptionData, LensData, StoreSpec
@@ -93,20 +96,35 @@ def _lens(loaded: LoadedModel, vocab: tuple[list[str], np.ndarray]) -> LensData:
     )
 
 
-def _store_spec(config: ExtractConfig, loaded: LoadedModel, data: DataSet, plan: list[Sample], vocab) -> StoreSpec:
+def _store_spec(
+    config: ExtractConfig,
+    loaded: LoadedModel,
+    data: DataSet,
+    plan: list[Sample],
+    vocab,
+    final_norm: FinalNormCheck,
+    captures: tuple[CaptureArray, ...] = (),
+) -> StoreSpec:
     adapter = loaded.adapter
     shape = adapter.attention_shape
+    n_states = len(adapter.layers) + 1
     layout = schema.Layout(
         n_samples=len(plan),
-        n_layers=len(adapter.layers) + 1,
+        n_layers=n_states,
         n_tokens=max(s.n_tokens for s in plan),
-        hidden=int(adapter.text_config.hidden_size),
+        d_model=int(adapter.text_config.hidden_size),
         n_heads=shape.n_heads,
         n_query=query_capacity(plan, config.attention),
         vocab=int(adapter.unembedding.shape[0]),
         n_images=len(data.records),
         n_captions=max([len(r.captions) for r in data.records] + [1]),
         block=config.block,
+        layers=parse_layers(config.layers, n_states) if config.layers else None,
+        keep_hidden="hidden" in config.keep,
+        keep_attention="attention" in config.keep,
+        stats=tuple(c for c in COMPUTE if c in config.compute),
+        lens_k=config.lens_topk if "lens" in config.compute else 0,
+        captures=captures,
     )
     strings = lambda values: np.asarray(values, dtype=np.dtypes.StringDType())  # noqa: E731
     plan_arrays = {
@@ -128,17 +146,26 @@ def _store_spec(config: ExtractConfig, loaded: LoadedModel, data: DataSet, plan:
             "custom": config.prompt,
             "all_prompts": config.all_prompts,
             "noise_seed": config.noise_seed,
+            "noisy_file": config.noisy_prompts_file,
         },
         "attention_mode": config.attention,
+        "keep": list(config.keep) or ["none"],
+        "computed": list(layout.stats),
+        "captured": [a.point for a in captures],
+        "layers_kept": list(layout.hidden_layers),
         "keep_bits": config.keep_bits,
         "n_samples": len(plan),
     }
     layer_attrs = {
-        "long_name": "hidden-state index: 0 = input embeddings (image features in place), l = output of decoder layer l",
-        "final_norm_applied_to_last": 1,
-        "note": "the last layer (L) is already passed through the final norm; do not norm it again",
+        "long_name": "layer l: 0 = input embeddings (image features in place), l = output of decoder layer l (1 .. L)",
+        "final_norm_applied_to_last": int(final_norm.applied),
+        "final_norm_check": final_norm.describe(),
+        "note": "the logit lens applies the final norm to layers 0 .. L-1, and to layer L only when "
+        "final_norm_applied_to_last is 0",
     }
-    captions = CaptionData([r.id for r in data.records], [r.captions for r in data.records])
+    captions = CaptionData(
+        [r.id for r in data.records], [r.captions for r in data.records], [r.image for r in data.records]
+    )
     return StoreSpec(
         layout=layout,
         attrs=attrs,
@@ -148,6 +175,13 @@ def _store_spec(config: ExtractConfig, loaded: LoadedModel, data: DataSet, plan:
         lens=_lens(loaded, vocab),
         layer_attrs=layer_attrs,
         clevel=config.clevel,
+        stat_attrs={
+            "lens": {
+                "final_norm_applied_to_last": int(final_norm.applied),
+                "rows": "all tokens" if config.lens_all_tokens else "image tokens",
+            },
+            "cosine": {"text_tokens": list(schema.TEXT_TOKENS)},
+        },
     )
 
 
@@ -165,11 +199,16 @@ def _query_positions(modality: torch.Tensor, n_tokens: torch.Tensor, mode: str, 
     return out
 
 
-def _run_batch(
-    loaded: LoadedModel, config: ExtractConfig, batch: list[Sample], images: list, q_capacity: int
-) -> list[dict[str, np.ndarray]]:
-    adapter = loaded.adapter
-    device = config.resolved_device()
+@dataclass
+class Encoded:
+    """A batch through the processor, checked against the plan."""
+
+    inputs: dict[str, Any]
+    modality: torch.Tensor  # (batch, token) uint8
+    n_tokens: torch.Tensor  # (batch,)
+
+
+def _encode(adapter: Any, batch: list[Sample], images: list) -> Encoded:
     inputs = adapter.encode(images, [s.text for s in batch])
     mask = inputs["attention_mask"].bool()
     image_mask = adapter.image_mask(inputs) & mask
@@ -193,37 +232,177 @@ def _run_batch(
                 f"image placeholders {found} do not match the image features {expected}; the prompt or processor is wrong"
             )
     modality = torch.where(image_mask, schema.IMAGE, torch.where(mask, schema.TEXT, schema.PADDING)).to(torch.uint8)
+    return Encoded(inputs, modality, n_tokens)
+
+
+def _on(device: str, inputs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _probe(
+    loaded: LoadedModel, config: ExtractConfig, plan: list[Sample], n_tokens: int
+) -> tuple[FinalNormCheck, tuple[CaptureArray, ...]]:
+    """Run the first sample whose image reads: measure whether h_L carries the final norm, and the
+    shapes of the ``--capture`` arrays."""
+    adapter = loaded.adapter
+    first_error: ImageError | None = None
+    points = tuple(p for p in config.capture if p != "residual")
+    for sample in plan:
+        try:
+            image = load_image(sample.record.image)
+        except ImageError as exc:
+            first_error = first_error or exc
+            if config.strict:
+                raise
+            continue
+        encoded = _encode(adapter, [sample], [image])
+        with torch.inference_mode(), capture_modules(adapter, points) as captured:
+            outputs = adapter.forward(_on(config.resolved_device(), encoded.inputs))
+        valid = encoded.inputs["attention_mask"].bool().to(config.resolved_device())
+        tensors = stacked(captured, 1, adapter.family)
+        return check_final_norm(adapter, outputs, valid), describe(adapter, tensors, points, sample.n_tokens, n_tokens)
+    log.warning("no image could be read (first: %s); every sample will be skipped", first_error)
+    return FinalNormCheck(True, float("nan"), float("nan")), ()
+
+
+@dataclass
+class RunContext:
+    """What every batch of one extraction needs beyond the model: the store's layout and the lens."""
+
+    layout: schema.Layout
+    normed_last: bool
+    lens_all_tokens: bool = False
+    unembedding: Any = None  # prepared for `vislens.kernels.lens_topk` once per run
+
+    @property
+    def q_capacity(self) -> int:
+        return self.layout.n_query
+
+
+def _cosine_stats(h: torch.Tensor, modality: np.ndarray, roles: np.ndarray) -> np.ndarray:
+    """(L + 1, text sets, 3) cosine statistics of one sample's fp16 states ``h`` (L + 1, n, d) on its device."""
+    from vislens.kernels.sample_stats import cosine_stats
+
+    image = torch.from_numpy(modality == schema.IMAGE).to(h.device)
+    sets = {
+        "instruction": roles == schema.ROLE_INSTRUCTION,
+        "all": modality == schema.TEXT,
+        "template": roles == schema.ROLE_TEMPLATE,
+    }
+    out = [cosine_stats(h, image, torch.from_numpy(sets[name]).to(h.device)) for name in schema.TEXT_TOKENS]
+    return torch.stack(out, dim=1).float().cpu().numpy()
+
+
+def _lens_stats(
+    adapter: Any, context: RunContext, h: torch.Tensor, modality: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k ids and logits (L + 1, n, k) of one sample's fp16 states ``h`` (L + 1, n, d); -1/NaN
+    at the tokens not decoded (all but the image tokens, unless ``lens_all_tokens``)."""
+    from vislens.kernels import lens_topk
+
+    k = context.layout.lens_k
+    n_states, n = h.shape[:2]
+    rows = np.arange(n) if context.lens_all_tokens else np.flatnonzero(modality == schema.IMAGE)
+    ids = np.full((n_states, n, k), -1, dtype=np.int32)
+    values = np.full((n_states, n, k), np.nan, dtype=np.float32)
+    if rows.size == 0:
+        return ids, values
+    x = h[:, torch.from_numpy(rows).to(h.device)]
+    normed = n_states - 1 if context.normed_last else n_states
+    norm = adapter.norm_spec()
+    parts = [lens_topk(x[:normed], context.unembedding, k, norm=norm)]
+    if normed < n_states:
+        parts.append(lens_topk(x[normed:], context.unembedding, k, norm=None))
+    top_values = torch.cat([p[0] for p in parts]).cpu().numpy()
+    top_ids = torch.cat([p[1] for p in parts]).cpu().numpy()
+    ids[:, rows] = top_ids
+    values[:, rows] = top_values
+    return ids, values
+
+
+def _run_batch(
+    loaded: LoadedModel, config: ExtractConfig, batch: list[Sample], images: list, context: RunContext
+) -> list[dict[str, np.ndarray]]:
+    adapter = loaded.adapter
+    layout = context.layout
+    device = config.resolved_device()
+    encoded = _encode(adapter, batch, images)
+    inputs, modality, n_tokens = encoded.inputs, encoded.modality, encoded.n_tokens
+    q_capacity = context.q_capacity
     qpos = _query_positions(modality, n_tokens, config.attention, q_capacity) if q_capacity else None
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    with torch.inference_mode():
+    inputs = _on(device, inputs)
+    points = tuple(a.point for a in layout.captures)
+    with torch.inference_mode(), capture_modules(adapter, tuple(dict.fromkeys(points))) as captured:
         if qpos is not None:
             with capture_attention(adapter, qpos) as capture:
                 outputs = adapter.forward(inputs)
         else:
             capture, outputs = None, adapter.forward(inputs)
-        hidden = torch.stack(adapter.hidden_states(outputs), dim=0).to(torch.float16).cpu()
+        modules = {k: HostBatch(v) for k, v in stacked(captured, len(batch), adapter.family).items()}
+        states = torch.stack(adapter.hidden_states(outputs), dim=0).to(torch.float16)  # (L + 1, B, N, D), on device
+        kept = torch.tensor(layout.hidden_layers, device=states.device)
+        hidden = HostBatch(states.index_select(0, kept)) if layout.keep_hidden else None
         if capture is not None:
             layers = sorted(capture.weights)
-            weights = torch.stack([capture.weights[i] for i in layers], dim=1).cpu()  # (B, L, H, Q, N)
-            gram = torch.stack([capture.gram[i] for i in layers], dim=1).float().cpu()  # (B, L, N, H, H)
+            weights = torch.stack([capture.weights[i] for i in layers], dim=1)  # (B, L, H, Q, N)
+            gram = torch.stack([capture.gram[i] for i in layers], dim=1).float()  # (B, L, N, H, H)
+            attention_kept = torch.tensor([layer - 1 for layer in layout.attention_layers], device=weights.device)
+            if layout.attention:  # on their way to host memory while the statistics run
+                kept_weights = HostBatch(weights.index_select(1, attention_kept))
+                kept_gram = HostBatch(gram.index_select(1, attention_kept))
     ids = inputs["input_ids"].cpu()
     results = []
     for b, sample in enumerate(batch):
         n = int(n_tokens[b])
+        sample_modality = modality[b, :n].numpy()
+        roles = adapter.token_roles(
+            ids[b, :n].numpy(), sample_modality == schema.IMAGE, sample.text, sample.prompt.text
+        )
         arrays = {
-            "hidden": hidden[:, b, :n].numpy(),
             "token_id": ids[b, :n].numpy().astype(np.int32),
-            "modality": modality[b, :n].numpy(),
+            "modality": sample_modality,
+            "token_role": roles,
             "n_tokens": np.int32(n),
             "image_grid": np.asarray(adapter.image_grid(inputs, b), dtype=np.int32),
         }
-        if capture is not None:
-            q = int((qpos[b] >= 0).sum())
-            arrays["attn"] = weights[b, :, :, :q, :n].numpy()
-            arrays["value_gram"] = gram[b, :, :n].numpy()
-            arrays["query_pos"] = qpos[b, :q].numpy().astype(np.int32)
+        if hidden is not None:
+            arrays["hidden"] = hidden.slice(slice(None), b, slice(0, n))  # read by the writer thread
+        for array in layout.captures:  # cut to the sample's own tokens (padding is added back as 0)
+            index = [slice(0, n) if d == "token" else slice(None) for d in array.dims]
+            arrays[array.name] = modules[array.name].slice(b, *index)
+        with torch.inference_mode():
+            if "cosine" in layout.stats:
+                arrays["cosine"] = _cosine_stats(states[:, b, :n], sample_modality, roles)
+            if "lens" in layout.stats:
+                arrays["logit_lens_topk"], arrays["logit_lens_topk_values"] = _lens_stats(
+                    adapter, context, states[:, b, :n], sample_modality
+                )
+            if capture is not None:
+                q = int((qpos[b] >= 0).sum())
+                if "norm-attention" in layout.stats:
+                    arrays.update(
+                        _attention_stats(weights[b, :, :, :q, :n], gram[b, :, :n], qpos[b, :q], sample_modality)
+                    )
+                if layout.attention:
+                    arrays["attn"] = kept_weights.slice(b, slice(None), slice(None), slice(0, q), slice(0, n))
+                    arrays["value_gram"] = kept_gram.slice(b, slice(None), slice(0, n))
+                    arrays["query_pos"] = qpos[b, :q].numpy().astype(np.int32)
         results.append(arrays)
     return results
+
+
+def _attention_stats(
+    weights: torch.Tensor, gram: torch.Tensor, positions: torch.Tensor, modality: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Image shares and the last query's row of norm-based attention, on the model's device."""
+    from vislens.kernels import norm_attention
+    from vislens.kernels.sample_stats import attention_shares
+
+    _, summed = norm_attention(weights, gram)  # (L, q, n)
+    image = torch.from_numpy(modality == schema.IMAGE)
+    text_rows = torch.from_numpy(modality[positions.numpy()] == schema.TEXT)
+    share, after, last = attention_shares(summed.cpu(), positions, image, text_rows)
+    return {"image_share": share.numpy(), "image_share_after_image": after.numpy(), "last_query": last.numpy()}
 
 
 def _load_images(batch: list[Sample]) -> list[Image.Image | ImageError]:
@@ -256,7 +435,13 @@ def extract(config: ExtractConfig, *, loaded: LoadedModel | None = None) -> Extr
         )
     vocab = loaded.adapter.vocabulary()
     plan = make_plan(data, config, loaded.adapter, vocab)
-    spec = _store_spec(config, loaded, data, plan, vocab)
+    final_norm, captures = _probe(loaded, config, plan, max(s.n_tokens for s in plan))
+    spec = _store_spec(config, loaded, data, plan, vocab, final_norm, captures)
+    context = RunContext(spec.layout, final_norm.applied, config.lens_all_tokens)
+    if "lens" in spec.layout.stats:
+        from vislens.kernels import prepare_unembedding
+
+        context.unembedding = prepare_unembedding(loaded.adapter.unembedding.detach())
     writer = prepare_store(
         location, spec, overwrite=config.overwrite, creator=config.shard[0] == 0, wait_s=config.wait_s
     )
@@ -286,7 +471,7 @@ def extract(config: ExtractConfig, *, loaded: LoadedModel | None = None) -> Extr
                         ready.append(sample)
                         images.append(image)
                 if ready:
-                    for sample, arrays in zip(ready, _run_batch(loaded, config, ready, images, spec.layout.n_query)):
+                    for sample, arrays in zip(ready, _run_batch(loaded, config, ready, images, context)):
                         background.write_sample(sample.index, arrays)
                         result.written += 1
                 bar.update(len(batch))

@@ -44,6 +44,8 @@ class CaptionData:
 
     image_ids: list[str]
     captions: list[tuple[str, ...]]
+    paths: list[str] | None = None
+    """Where each image was read from (absolute path or URL), for figures drawn over the image."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ class StoreSpec:
     lens: LensData | None = None
     layer_attrs: dict[str, Any] = field(default_factory=dict)
     clevel: int = 1
+    stat_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Attributes of each statistic's results group (e.g. the lens's final-norm reading)."""
 
 
 BLOSC_BLOCKSIZE = 256 * 1024
@@ -81,68 +85,76 @@ def _strings(values: list[str] | np.ndarray) -> np.ndarray:
     return np.asarray(values, dtype=np.dtypes.StringDType())
 
 
-def _activations(spec: StoreSpec) -> tuple[xr.Dataset, dict[str, Any]]:
+def _group(spec: StoreSpec, group: str, layer_attrs: dict[str, Any]) -> tuple[xr.Dataset, dict[str, Any]]:
+    """A group of per-sample arrays (and, for ``activations``, the plan written at once)."""
     layout = spec.layout
-    sizes = layout.sizes()
+    sizes = layout.sizes(group)
     data, encoding = {}, {}
     for var in schema.variables(layout):
-        if var.group != "activations":
+        if var.group != group:
             continue
         if var.per_sample:
             shape = tuple(sizes[d] for d in var.dims)
             chunk, shard = schema.chunking(var, layout)
+            chunk = tuple(min(c, n) for c, n in zip(chunk, shape))
             array = da.full(shape, var.fill_value, dtype=var.dtype, chunks=shard)
-            codecs = hidden_codecs(spec.clevel) if var.name == "hidden" else small_codecs()
+            typesize = np.dtype(var.dtype).itemsize
+            big = var.name in schema.SAMPLE_FILES or group == "captures"
+            codecs = hidden_codecs(spec.clevel, typesize) if big else small_codecs()
             encoding[var.name] = {"chunks": chunk, "shards": shard, "compressors": codecs, "fill_value": var.fill_value}
         else:
             array = spec.plan[var.name]
-            n = layout.n_samples
-            block = min(layout.block, n)
+            block = min(layout.block, layout.n_samples)
             encoding[var.name] = {"chunks": (block,), "shards": (block,), "compressors": small_codecs()}
         data[var.name] = xr.Variable(var.dims, array, attrs=var.attrs)
-    coords = {
-        "sample": ("sample", np.arange(layout.n_samples, dtype=np.int64)),
-        "layer": xr.Variable("layer", np.arange(layout.n_layers, dtype=np.int32), attrs=spec.layer_attrs),
-    }
-    encoding |= {name: {"compressors": small_codecs()} for name in coords}
-    return xr.Dataset(data, coords=coords), encoding
-
-
-def _attention(spec: StoreSpec) -> tuple[xr.Dataset, dict[str, Any]]:
-    layout = spec.layout
-    sizes = layout.sizes() | {"layer": layout.n_layers - 1}
-    data, encoding = {}, {}
-    for var in schema.variables(layout):
-        if var.group != "attention":
-            continue
-        shape = tuple(sizes[d] for d in var.dims)
-        chunk, shard = schema.chunking(var, layout)
-        chunk = tuple(min(c, s) for c, s in zip(chunk, shape))
-        shard = (1,) + shape[1:] if var.name != "query_pos" else shard
-        data[var.name] = xr.Variable(
-            var.dims, da.full(shape, var.fill_value, dtype=var.dtype, chunks=shard), attrs=var.attrs
+    used = {d for v in data.values() for d in v.dims}
+    coords: dict[str, Any] = {"sample": ("sample", np.arange(layout.n_samples, dtype=np.int64))}
+    if "layer" in used or group == "activations":
+        coords["layer"] = xr.Variable(
+            "layer", np.asarray(layout.layer_labels(group), dtype=np.int32), attrs=layer_attrs
         )
-        typesize = np.dtype(var.dtype).itemsize
-        codecs = hidden_codecs(spec.clevel, typesize) if var.name != "query_pos" else small_codecs()
-        encoding[var.name] = {"chunks": chunk, "shards": shard, "compressors": codecs, "fill_value": var.fill_value}
-    coords = {
-        "sample": ("sample", np.arange(layout.n_samples, dtype=np.int64)),
-        "layer": xr.Variable(
-            "layer",
-            np.arange(layout.n_layers - 1, dtype=np.int32),
-            attrs={"long_name": "decoder layer; its input is activations layer l"},
-        ),
-    }
+    if "vision_layer" in used:
+        coords["vision_layer"] = xr.Variable(
+            "vision_layer",
+            np.arange(1, sizes["vision_layer"] + 1, dtype=np.int32),
+            attrs={"long_name": "vision-tower encoder layer (1 .. L_v)"},
+        )
+    if group == schema.STAT_GROUPS["cosine"]:
+        coords["text_tokens"] = ("text_tokens", _strings(list(schema.TEXT_TOKENS)))
+        coords["stat"] = ("stat", _strings(list(schema.COSINE_STATS)))
     encoding |= {name: {"compressors": small_codecs()} for name in coords}
     return xr.Dataset(data, coords=coords), encoding
+
+
+ATTENTION_LAYER_ATTRS = {
+    "long_name": "decoder layer l (1 .. L): its input is activations layer l - 1, its output activations layer l"
+}
+
+
+def _stat_groups(spec: StoreSpec) -> list[tuple[str, tuple[xr.Dataset, dict[str, Any]]]]:
+    """The ``results`` groups of statistics computed at extraction, pre-allocated like activations."""
+    out = []
+    for stat in spec.layout.stats:
+        group = schema.STAT_GROUPS[stat]
+        attrs = ATTENTION_LAYER_ATTRS if stat == "norm-attention" else spec.layer_attrs
+        ds, encoding = _group(spec, group, attrs)
+        for var in ds.data_vars.values():  # on each array, where `load_result` reads them
+            var.attrs.update(
+                written_at_extraction=1,
+                source_fingerprint=spec.fingerprint,
+                **({"k": spec.layout.lens_k} if stat == "lens" else {}),
+                **spec.stat_attrs.get(stat, {}),
+            )
+        out.append((group, (ds, encoding)))
+    return out
 
 
 def _lens(lens: LensData) -> tuple[xr.Dataset, dict[str, Any]]:
     vocab, hidden = lens.unembedding.shape
     rows = max(1, min(vocab, (8 << 20) // max(1, hidden * lens.unembedding.dtype.itemsize)))
     data = {
-        "unembedding": (("vocab", "hidden"), lens.unembedding, {"long_name": "W_U: logits = norm(h) @ W_U.T"}),
-        "norm_weight": (("hidden",), lens.norm_weight.astype(np.float32)),
+        "unembedding": (("vocab", "d_model"), lens.unembedding, {"long_name": "W_U: logits = norm(h) @ W_U.T"}),
+        "norm_weight": (("d_model",), lens.norm_weight.astype(np.float32)),
         "vocab_text": (
             ("vocab",),
             _strings(lens.vocab_text),
@@ -151,7 +163,7 @@ def _lens(lens: LensData) -> tuple[xr.Dataset, dict[str, Any]]:
         "vocab_special": (("vocab",), lens.vocab_special.astype(bool)),
     }
     if lens.norm_bias is not None:
-        data["norm_bias"] = (("hidden",), lens.norm_bias.astype(np.float32))
+        data["norm_bias"] = (("d_model",), lens.norm_bias.astype(np.float32))
     ds = xr.Dataset(data, attrs={"norm_kind": lens.norm_kind, "norm_eps": float(lens.norm_eps)})
     encoding = {name: {"compressors": small_codecs()} for name in data}
     encoding["unembedding"] = {
@@ -177,6 +189,12 @@ def captions_dataset(captions: CaptionData) -> tuple[xr.Dataset, dict[str, Any]]
             "n_captions": (("image",), np.array([len(c) for c in captions.captions], dtype=np.int32)),
         }
     )
+    if captions.paths is not None:
+        ds["image_path"] = (
+            ("image",),
+            _strings(captions.paths),
+            {"long_name": "where the image was read from at extraction (absolute path or URL)"},
+        )
     return ds, {name: {"compressors": small_codecs()} for name in ds.data_vars}
 
 
@@ -192,15 +210,22 @@ def create_store(location: StoreLocation, spec: StoreSpec) -> None:
         **spec.attrs,
     }
     root = zarr.open_group(store, mode="w", zarr_format=3, attributes=attrs)
-    parts = [("activations", _activations(spec)), ("captions", captions_dataset(spec.captions))]
+    parts = [
+        ("activations", _group(spec, "activations", spec.layer_attrs)),
+        ("captions", captions_dataset(spec.captions)),
+    ]
     if spec.layout.attention:
-        parts.append(("attention", _attention(spec)))
+        parts.append(("attention", _group(spec, "attention", ATTENTION_LAYER_ATTRS)))
+    if spec.layout.captures:
+        parts.append(("captures", _group(spec, "captures", ATTENTION_LAYER_ATTRS)))
+    parts += _stat_groups(spec)
     if spec.lens is not None:
         parts.append(("lens", _lens(spec.lens)))
     for group, (ds, encoding) in parts:
         # compute=False: numpy variables are written, dask templates only declared
         ds.to_zarr(store, group=group, mode="a", compute=False, encoding=encoding, zarr_format=3, consolidated=False)
-    root.create_group("results", attributes={"long_name": "cached analysis results"})
+    results = root.require_group("results")
+    results.attrs.update({"long_name": "analysis results: cached by analyses, or computed at extraction"})
     root.attrs.update({"vislens_status": STATUS_READY})
     consolidate(store)
 

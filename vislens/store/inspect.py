@@ -66,9 +66,20 @@ def info(store: str | StoreLocation, storage_options: dict[str, Any] | None = No
                 logical,
             )
         )
-    done = np.asarray(root["activations/done"][:]) if "activations" in root else np.zeros(0)
+    unit = "samples"
+    if "activations" in root:
+        done = np.asarray(root["activations/done"][:])
+    else:  # an ablation-only store: its (image, prompt) pairs
+        ablation = [name for name, group in root.groups() if "done" in group and name != "activations"]
+        done = (
+            np.concatenate([np.asarray(root[f"{name}/done"][:]).ravel() for name in ablation])
+            if ablation
+            else np.zeros(0)
+        )
+        unit = "ablation pairs"
     attrs = root_doc.get("attributes", {})
     return {
+        "unit": unit,
         "url": location.url,
         "format_version": attrs.get("vislens_format_version"),
         "model": attrs.get("model", {}),
@@ -94,7 +105,7 @@ def format_info(report: dict[str, Any]) -> str:
         f"model    {model.get('name_or_path', '?')} ({model.get('architecture', '?')}, {model.get('n_layers', '?')} layers, "
         f"hidden {model.get('hidden_size', '?')}, dtype {model.get('dtype', '?')})",
         f"data     {report['dataset'].get('name', '?')} ({report['dataset'].get('n_images', '?')} images)",
-        f"samples  {s['done']} done / {s['total']} total ({s['skipped']} skipped, {s['pending']} pending)",
+        f"{report.get('unit', 'samples'):<8} {s['done']} done / {s['total']} total ({s['skipped']} skipped, {s['pending']} pending)",
         f"groups   {', '.join(report['groups'])}",
         f"on disk  {report['bytes_on_disk'] / 2**20:.1f} MiB",
         "",
@@ -139,7 +150,7 @@ def _check_schema(root: zarr.Group) -> list[Problem]:
     acts = root.get("activations")
     if acts is None:
         return [Problem("activations", "", "group missing")] if "ablation" not in root else []
-    for var in schema.variables(_layout(root)):
+    for var in schema.variables(_layout(root), int(root.attrs.get("vislens_format_version", schema.FORMAT_VERSION))):
         path = f"{var.group}/{var.name}"
         if var.group not in root or var.name not in root[var.group]:
             problems.append(Problem(path, "", "array missing"))

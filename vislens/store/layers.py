@@ -45,6 +45,9 @@ def read_layer(
 ) -> np.ndarray:
     """One layer of ``array`` for the given samples (all by default): shape (samples, ...).
 
+    ``layer`` is the store's layer number: hidden states 0 .. L (0 = the embeddings), attention
+    arrays 1 .. L (decoder layer l); negative numbers count from the last layer.
+
     ``samples``: indices, a slice, or a boolean mask over all samples (e.g. ``done == 1``).
     ``store`` is a path or URL (checked like `open_store`: version, then this array's data type
     and codecs) or a tree returned by `open_store`. Samples never written hold the fill value
@@ -70,9 +73,10 @@ def read_layer(
         check_metadata(array, doc)
     arr = zarr.open_array(location.zarr_store(read_only=True), path=array, mode="r", zarr_format=3)
     n_samples, n_layers = arr.shape[:2]
-    if not -n_layers <= layer < n_layers:
-        raise IndexError(f"{array} has {n_layers} layers (0 .. {n_layers - 1}); layer {layer} asked for")
-    layer %= n_layers
+    first = 1 if array.startswith("attention/") else 0  # attention holds decoder layers 1 .. L
+    if not (first <= layer < first + n_layers or -n_layers <= layer < 0):
+        raise IndexError(f"{array} has layers {first} .. {first + n_layers - 1}; layer {layer} asked for")
+    layer = layer - first if layer >= 0 else layer % n_layers
     picked = _sample_indices(samples, n_samples, array)
     if not (location.is_local and hasattr(os, "pread") and is_sample_shard_layout(arr)):
         return np.asarray(arr.oindex[picked, layer])

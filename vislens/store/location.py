@@ -97,6 +97,11 @@ class StoreLocation:
             raw = self.fs.cat_file(self.key(*parts))
         except (FileNotFoundError, KeyError):
             return None
+        except NotADirectoryError:
+            raise StoreFormatError(
+                f"{self.url} is a file, not a store folder: pass the folder of a vislens store "
+                "(for --out, a new or empty folder)"
+            ) from None
         try:
             doc = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -15,6 +15,7 @@ from vislens.errors import StoreFormatError, StoreSafetyError
 from vislens.store import schema
 from vislens.store.create import STATUS_READY
 from vislens.store.location import StoreLocation, as_location
+from vislens.store.upgrade import upgrade_v1
 
 
 def check_root(location: StoreLocation) -> dict[str, Any]:
@@ -39,10 +40,10 @@ def check_root(location: StoreLocation) -> dict[str, Any]:
             f"{location.url} is a zarr store but not a vislens store (no root attribute "
             "vislens_format_version); open it with xarray directly"
         )
-    if version != schema.FORMAT_VERSION:
+    if version not in schema.READABLE_VERSIONS:
         raise StoreFormatError(
             f"{location.url} has vislens store format version {version}, but this vislens reads "
-            f"version {schema.FORMAT_VERSION}; install a vislens release that reads version "
+            f"versions {', '.join(map(str, schema.READABLE_VERSIONS))}; install a vislens release that reads version "
             f"{version} (see docs/store-format.md, 'Versions')"
         )
     if attrs.get("vislens_status") != STATUS_READY:
@@ -113,7 +114,8 @@ def open_store(store: str | StoreLocation, storage_options: dict[str, Any] | Non
     """Open a vislens store (local path or fsspec URL) as a lazy `xarray.DataTree`.
 
     Groups: ``activations``, ``attention`` (if extracted), ``lens``, ``captions``,
-    ``results``; root attributes hold the provenance. Arrays are Dask-backed.
+    ``results``; root attributes hold the provenance. Arrays are Dask-backed. Stores of an
+    older readable format version are presented in the current layout (`vislens.store.upgrade`).
 
     Raises
     ------
@@ -133,6 +135,8 @@ def open_store(store: str | StoreLocation, storage_options: dict[str, Any] | Non
         zarr_format=3,
         chunks={},
     )
+    if root.get("attributes", {}).get("vislens_format_version") == 1:
+        tree = upgrade_v1(tree)
     tree.attrs["vislens_url"] = location.url
     _OPTIONS[location.url] = dict(location.storage_options)
     return tree

@@ -16,10 +16,17 @@ log = logging.getLogger("vislens.store")
 
 
 def load_result(tree: xr.DataTree, name: str, **params: Any) -> xr.DataArray | None:
-    """A cached result whose attributes match ``params`` and the store's fingerprint, else None."""
-    if "results" not in tree.children or name not in tree["results"].data_vars:
+    """A cached result whose attributes match ``params`` and the store's fingerprint, else None.
+
+    Each result lives in its own group ``results/<name>`` with its coordinates, so results over
+    different samples (before and after a resumed extraction) never share a coordinate.
+    """
+    if "results" not in tree.children or name not in tree["results"].children:
         return None
-    array = tree["results"][name]
+    node = tree["results"][name].to_dataset(inherit=False)
+    if name not in node.data_vars:
+        return None
+    array = node[name]
     if array.attrs.get("source_fingerprint") != tree.attrs.get("vislens_fingerprint"):
         return None
     if any(array.attrs.get(key) != value for key, value in params.items()):
@@ -34,7 +41,7 @@ def save_result(
     storage_options: dict[str, Any] | None = None,
     **params: Any,
 ) -> bool:
-    """Write ``array`` as ``results/<name>`` (replacing an older one); False if the store is read-only."""
+    """Write ``array`` into the group ``results/<name>`` (replacing an older one); False if the store is read-only."""
     location = as_location(store, storage_options)
     attrs = read_root(location) or {}
     try:
@@ -42,7 +49,7 @@ def save_result(
         root = zarr.open_group(zstore, mode="r+", use_consolidated=False)
         results = root.require_group("results")
         if name in results:
-            del results[name]
+            del results[name]  # the whole group: the result and its coordinates
         out = array.rename(name).to_dataset()
         out[name].attrs.update(params | {"source_fingerprint": attrs.get("vislens_fingerprint")})
         chunks = tuple(1 if i == 0 else n for i, n in enumerate(array.shape))
@@ -51,7 +58,7 @@ def save_result(
         }
         for coord in out.coords:
             encoding[coord] = {"compressors": small_codecs()}
-        out.to_zarr(zstore, group="results", mode="a", encoding=encoding, zarr_format=3, consolidated=False)
+        out.to_zarr(zstore, group=f"results/{name}", mode="a", encoding=encoding, zarr_format=3, consolidated=False)
         consolidate(zstore)
     except (PermissionError, OSError, NotImplementedError) as exc:
         log.warning("could not cache results/%s in %s (%s); results are kept in memory only", name, location.url, exc)

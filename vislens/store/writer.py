@@ -38,7 +38,7 @@ def shard_blocks(n_samples: int, block: int, shard: tuple[int, int]) -> np.ndarr
     return samples[(samples // block) % count == index]
 
 
-SAMPLE_FILES = frozenset({"hidden", "attn", "value_gram"})
+SAMPLE_FILES = schema.SAMPLE_FILES
 """Arrays with one file (shard) per sample: writes of different samples never touch one file."""
 
 
@@ -58,17 +58,21 @@ class StoreWriter:
             location.zarr_store(read_only=False), mode="r+", zarr_format=3, use_consolidated=False
         )
         self.arrays: dict[str, Any] = {}
-        for group in ("activations", "attention"):
-            if group in self.root:
-                for name, array in self.root[group].arrays():
-                    # samples are written whole: skip zarr's costly "is this chunk all fill?" scan
-                    self.arrays[name] = array.with_config({"write_empty_chunks": True})
+        groups = [g for g in ("activations", "attention", "captures") if g in self.root]
+        groups += [g for g in schema.STAT_GROUPS.values() if g in self.root]
+        for group in groups:
+            for name, array in self.root[group].arrays():
+                if group.startswith("results/") and not array.attrs.get("written_at_extraction"):
+                    continue
+                # samples are written whole: skip zarr's costly "is this chunk all fill?" scan
+                self.arrays[name] = array.with_config({"write_empty_chunks": True})
         self.done = self.arrays["done"]
         self.block = int(self.root.attrs.get("vislens_block", 64))
         self.keep_bits = self.root.attrs.get("keep_bits")
-        self.whole_shards = {
-            name for name in SAMPLE_FILES & self.arrays.keys() if is_sample_shard_layout(self.arrays[name])
-        }
+        captured = set(dict(self.root["captures"].arrays())) if "captures" in self.root else set()
+        self.big = frozenset((SAMPLE_FILES | captured) & self.arrays.keys())
+        """Arrays with one file per sample (written concurrently by `PipelinedWriter`)."""
+        self.whole_shards = {name for name in self.big if is_sample_shard_layout(self.arrays[name])}
 
     @property
     def n_samples(self) -> int:
@@ -101,6 +105,7 @@ class StoreWriter:
         with _disk_full_guard(self.location, index):
             for name, value in arrays.items():
                 target = self.arrays[name]
+                value = np.asarray(value)  # a device copy in flight is waited for here, on the writer's thread
                 if name == "hidden" and self.keep_bits is not None:
                     value = keep_mantissa_bits(value, int(self.keep_bits))
                 value = _pad(np.asarray(value), target.shape[1:], target.fill_value, name)
@@ -135,7 +140,10 @@ class PipelinedWriter:
     only after that sample's big arrays are on disk. At most ``depth`` samples wait in memory.
     """
 
-    def __init__(self, writer: StoreWriter, *, workers: int = 2, depth: int = 3) -> None:
+    def __init__(self, writer: StoreWriter, *, workers: int | None = None, depth: int = 3) -> None:
+        if workers is None:  # one per usable core (at least 2, at most 8): the model's next batch never waits
+            usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+            workers = max(2, min(8, usable))
         self.writer, self.depth = writer, depth
         self.big = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vislens-write")
         self.ordered = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vislens-done")
@@ -143,8 +151,10 @@ class PipelinedWriter:
 
     def write_sample(self, index: int, arrays: dict[str, np.ndarray]) -> None:
         """Queue a sample (blocks while ``depth`` samples are already waiting)."""
-        big = self.big.submit(self.writer.write_arrays, index, {k: v for k, v in arrays.items() if k in SAMPLE_FILES})
-        small = {k: v for k, v in arrays.items() if k not in SAMPLE_FILES}
+        big = self.big.submit(
+            self.writer.write_arrays, index, {k: v for k, v in arrays.items() if k in self.writer.big}
+        )
+        small = {k: v for k, v in arrays.items() if k not in self.writer.big}
 
         def finish() -> None:
             big.result()
@@ -180,7 +190,7 @@ def _pad(value: np.ndarray, shape: tuple[int, ...], fill: Any, name: str) -> np.
         return value
     if value.ndim != len(shape) or any(v > s for v, s in zip(value.shape, shape)):
         raise StoreFormatError(f"{name}: sample of shape {value.shape} does not fit the store's {shape}")
-    pad_value = 0 if name == "hidden" else fill
+    pad_value = 0 if value.dtype == np.float16 else fill  # states (hidden, captures) are padded with 0
     out = np.full(shape, pad_value, dtype=value.dtype)
     out[tuple(slice(0, n) for n in value.shape)] = value
     return out
@@ -268,9 +278,8 @@ def prepare_store(
             return StoreWriter(location)
         if not overwrite:
             raise StoreMismatchError(
-                f"{location.url} holds an extraction with different arguments "
-                f"(stored: {attrs.get('vislens_extraction', {}).get('args')}); rerun with the "
-                "original arguments to resume, pick another --out, or pass --overwrite to replace it"
+                f"{location.url} holds an extraction with different arguments ({_differences(attrs, spec)}); "
+                "rerun with the original arguments to resume, pick another --out, or pass --overwrite to replace it"
             )
         if not creator:
             return _wait_ready(location, spec, wait_s)
@@ -281,6 +290,20 @@ def prepare_store(
     location.remove()  # empty, half-created (status "creating") or --overwrite
     create_store(location, spec)
     return StoreWriter(location)
+
+
+def _differences(stored: dict[str, Any], spec: StoreSpec) -> str:
+    """The content arguments that differ between a stored extraction and a new one, old and new value."""
+    old = (stored.get("extraction") or {}).get("args") or {}
+    new = (spec.attrs.get("extraction") or {}).get("args") or {}
+    changed = [
+        f"{key}: stored {old.get(key)!r}, now {new.get(key)!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
+    if not changed:
+        return "same options, but the planned samples differ: the data set, its images or the prompts file changed"
+    return "; ".join(changed)
 
 
 def _wait_ready(location: StoreLocation, spec: StoreSpec, wait_s: float) -> StoreWriter:

@@ -2,7 +2,8 @@
 
 - `vislens.toys.llava`: a random-init LLaVA-1.5-architecture checkpoint (`ToySpec`, `build_toy_model`).
 - `vislens.toys.instructblip`: a random-init InstructBLIP (`ToyInstructBlipSpec`, `build_toy_instructblip`).
-- `vislens.toys.families`: random-init LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Idefics3 (`build_toy_family`).
+- `vislens.toys.families`: random-init LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Idefics3 (`build_toy_family`), and
+  through it `vislens.toys.more_families`: Gemma-3, LLaVA-OneVision, Mllama, SmolVLM.
 - `vislens.toys.cache`: any of them built once into vislens's cache (`toy_checkpoint`, `toy_model_path`).
 
 Every builder gives the norms random, non-unit weights (`vislens.toys.norms`). Nothing in

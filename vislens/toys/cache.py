@@ -13,6 +13,7 @@ from vislens.errors import ConfigError
 from vislens.toys.llava import TOY_VERSION, ToySpec, build_toy_model
 
 TOY_FAMILIES = ("llava", "instructblip", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3")
+TOY_FAMILIES += ("gemma3", "llava_onevision", "mllama", "smolvlm")
 
 
 def cached_build(path: Path, build: Callable[[Path], object]) -> Path:

@@ -223,7 +223,8 @@ def _idefics3(path: Path, layers: int, seed: int) -> None:
 
 
 def build_toy_family(family: str, path: str | Path, *, layers: int = 3, seed: int = 0) -> Path:
-    """Write a tiny random-init checkpoint of ``family`` (one of `FAMILIES`) to ``path``; return it.
+    """Write a tiny random-init checkpoint of ``family`` (one of `FAMILIES` or
+    `vislens.toys.more_families.FAMILIES`) to ``path``; return it.
 
     Raises
     ------
@@ -232,11 +233,16 @@ def build_toy_family(family: str, path: str | Path, *, layers: int = 3, seed: in
     """
     import torch
 
-    if family not in FAMILIES:
-        raise ConfigError(f"no toy checkpoint for family {family!r}; choose one of {', '.join(FAMILIES)}")
+    from vislens.toys.more_families import BUILDERS
+
+    if family not in FAMILIES and family not in BUILDERS:
+        choices = ", ".join(FAMILIES + tuple(BUILDERS))
+        raise ConfigError(f"no toy checkpoint for family {family!r}; choose one of {choices}")
     path = Path(path)
     torch.manual_seed(seed)
-    if family == "llava_next":
+    if family in BUILDERS:
+        BUILDERS[family](path, layers, seed)
+    elif family == "llava_next":
         _llava_next(path, layers, seed)
     elif family == "idefics3":
         _idefics3(path, layers, seed)

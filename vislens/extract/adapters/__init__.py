@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from vislens.errors import ModelError, UnsupportedModelError
 from vislens.extract.adapters.base import Adapter, AttentionShape, NormSpec
+from vislens.extract.adapters.gemma3 import Gemma3Adapter
 from vislens.extract.adapters.idefics3 import Idefics3Adapter
 from vislens.extract.adapters.instructblip import InstructBlipAdapter
 from vislens.extract.adapters.llava import LlavaAdapter
 from vislens.extract.adapters.llava_next import LlavaNextAdapter
+from vislens.extract.adapters.llava_onevision import LlavaOnevisionAdapter
+from vislens.extract.adapters.mllama import MllamaAdapter
 from vislens.extract.adapters.qwen2_vl import Qwen2VLAdapter
+from vislens.extract.adapters.smolvlm import SmolVLMAdapter
 
 __all__ = [
     "Adapter",
@@ -31,6 +37,10 @@ ADAPTERS: tuple[type[Adapter], ...] = (
     LlavaNextAdapter,
     Qwen2VLAdapter,
     Idefics3Adapter,
+    Gemma3Adapter,
+    LlavaOnevisionAdapter,
+    MllamaAdapter,
+    SmolVLMAdapter,
 )
 ADDING_DOC = "docs/models.md (section 'Adding a model family')"
 
@@ -78,6 +88,57 @@ def _dtype(name: str, device: str) -> torch.dtype:
         raise ValueError(f"dtype must be auto, float16, bfloat16 or float32, got {name!r}") from None
 
 
+def _looks_like_a_path(name: str) -> bool:
+    """Whether a --model value is meant as a folder rather than a hub id (``org/name``)."""
+    return name.startswith(("/", "./", "../", "~", ".")) or name.endswith("/") or name.count("/") > 1 or "\\" in name
+
+
+def check_model_source(name_or_path: str, revision: str | None = None, timeout: float = 10.0) -> None:
+    """Fail fast, in one line, when a checkpoint cannot be loaded at all.
+
+    A folder must exist and hold ``config.json``. A hub id must be in the local Hugging Face cache
+    or the hub must answer once within ``timeout`` seconds (transformers would otherwise retry for
+    half a minute with a warning per retry).
+
+    Raises
+    ------
+    ModelError
+        Naming the folder or hub id and the fix.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists() or _looks_like_a_path(name_or_path):
+        if not path.exists():
+            raise ModelError(
+                f"model folder {name_or_path} does not exist; check the path (or pass a hub id such as llava-hf/llava-1.5-7b-hf)"
+            )
+        if not path.is_dir():
+            raise ModelError(f"--model {name_or_path} is a file; pass the checkpoint's folder (holding config.json)")
+        if not (path / "config.json").exists():
+            raise ModelError(
+                f"model folder {name_or_path} has no config.json; pass the folder that save_pretrained wrote"
+            )
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name_or_path, "config.json", revision=revision), str):
+        return  # in the local cache
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ModelError(
+            f"{name_or_path} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it on a "
+            "machine with network access (huggingface-cli download ...) and pass its folder, or copy the cache here"
+        )
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(name_or_path, revision=revision, timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - any failure to reach or find it is the same message
+        reason = type(exc).__name__
+        raise ModelError(
+            f"cannot get {name_or_path} from the Hugging Face hub ({reason}) and it is not in the local cache: "
+            "check the id, your network or HF_TOKEN for gated models, or download it elsewhere and pass its folder"
+        ) from None
+
+
 def load_adapter(
     name_or_path: str, *, device: str = "cpu", dtype: str = "auto", revision: str | None = None
 ) -> LoadedModel:
@@ -92,6 +153,7 @@ def load_adapter(
     """
     from transformers import AutoConfig
 
+    check_model_source(name_or_path, revision)
     try:
         config = AutoConfig.from_pretrained(name_or_path, revision=revision)
     except (OSError, ValueError) as exc:

@@ -9,6 +9,7 @@ placeholders expanded by the processor into ``input_ids``).
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -42,6 +43,40 @@ class NormSpec:
     bias: np.ndarray | None = None
 
 
+ROLE_MARKER = re.compile(r"\s*\b[A-Z][A-Za-z]*:\s*$")
+"""A trailing chat role marker of a fully formatted prompt, such as ``ASSISTANT:``."""
+
+
+def instruction_core(instruction: str, placeholder: str) -> str:
+    """The instruction proper of a prompt as given.
+
+    A plain instruction is itself (stripped). A fully formatted prompt holding the image
+    placeholder (the study's ``"USER: <image>\\nWhat is ...? ASSISTANT:"``) is the text after the
+    placeholder without a trailing role marker (an upper-case word and a colon): the words
+    before the placeholder and the marker are the template's.
+    """
+    instruction = instruction.strip()
+    if placeholder and placeholder in instruction:
+        instruction = instruction.split(placeholder, 1)[1].strip()
+        instruction = ROLE_MARKER.sub("", instruction).strip()
+    return instruction
+
+
+def _instruction_span(text: str, instruction: str, placeholder: str) -> tuple[int, int]:
+    """Characters [start, end) of the instruction (`instruction_core`) inside the formatted prompt.
+
+    The first occurrence after the image placeholder (anywhere, if none after); (-1, -1) when empty.
+    """
+    core = instruction_core(instruction, placeholder)
+    if not core:
+        return -1, -1
+    after = text.find(placeholder) + len(placeholder) if placeholder and placeholder in text else 0
+    start = text.find(core, after)
+    if start < 0:
+        start = text.find(core)
+    return (start, start + len(core)) if start >= 0 else (-1, -1)
+
+
 class Adapter:
     """Model knowledge for one family; construct with a loaded model and its processor."""
 
@@ -52,6 +87,11 @@ class Adapter:
     """Whether every image gives the same number of image tokens (then counts are cached)."""
     contiguous_image_tokens: ClassVar[bool] = True
     """Whether one image's tokens are one run; False where text tokens (tile markers) lie between them."""
+    nested_images: ClassVar[bool] = False
+    """Whether the processor wants one list of images per sample (Gemma-3, SmolVLM read a flat list as one sample's images)."""
+    image_attention_bidirectional: ClassVar[bool] = False
+    """Whether the image tokens of one image attend to each other in both directions (Gemma-3); then
+    removing an image token changes the keys and values of the image tokens before it too (`vislens.ablate`)."""
 
     def __init__(self, model: torch.nn.Module, processor: Any) -> None:
         self.model = model
@@ -97,9 +137,39 @@ class Adapter:
         return self.decoder.norm
 
     @property
+    def cross_attention_layers(self) -> tuple[int, ...]:
+        """Decoder layers (0-based) whose attention reads the image features instead of the sequence (Mllama).
+
+        They have no self-attention over the tokens: norm-based attention is not defined there and
+        the store holds NaN for them (`vislens.extract.capture`).
+        """
+        return ()
+
+    @property
     def unembedding(self) -> torch.Tensor:
         """The unembedding matrix W_U, (vocab, hidden)."""
         return self.model.get_output_embeddings().weight
+
+    # ---- capture points (``vislens extract --capture``) --------------------------------------
+    @property
+    def vision_layers(self) -> torch.nn.ModuleList | None:
+        """The vision tower's encoder layers, when the tower sees one image per sample (else None)."""
+        tower = getattr(self.model.model, "vision_tower", None)
+        tower = getattr(tower, "vision_model", tower)  # transformers 5 flattens CLIPVisionModel
+        return getattr(getattr(tower, "encoder", None), "layers", None)
+
+    @property
+    def projector(self) -> torch.nn.Module | None:
+        """The module that maps image features into the decoder's space (one row per image token)."""
+        return getattr(self.model.model, "multi_modal_projector", None)
+
+    def decoder_attention(self, layer: int) -> torch.nn.Module:
+        """Decoder layer ``layer``'s (0-based) self-attention block; its output is what it adds to the residual stream."""
+        return self.layers[layer].self_attn
+
+    def decoder_mlp(self, layer: int) -> torch.nn.Module:
+        """Decoder layer ``layer``'s (0-based) MLP block."""
+        return self.layers[layer].mlp
 
     def o_proj(self, layer: int) -> torch.nn.Linear:
         """The attention output projection of decoder layer ``layer``."""
@@ -156,9 +226,25 @@ class Adapter:
             return self.processor.apply_chat_template(messages, add_generation_prompt=True)
         return f"{self.image_placeholder}\n{text}".rstrip()
 
+    def special_tokens_kwargs(self, texts: list[str]) -> dict[str, bool]:
+        """``add_special_tokens=False`` when every text already starts with the BOS token (a chat template wrote it).
+
+        transformers' own ``processor.apply_chat_template(..., tokenize=True)`` does the same, so a
+        tokenizer that adds BOS itself never gives two.
+        """
+        bos = getattr(self.tokenizer, "bos_token", None)
+        if bos and texts and all(text.startswith(bos) for text in texts):
+            return {"add_special_tokens": False}
+        return {}
+
     def encode(self, images: list[Image.Image], texts: list[str]) -> dict[str, torch.Tensor]:
         """Processor outputs for a batch, right-padded (padding never shifts positions)."""
-        return dict(self.processor(images=images, text=texts, return_tensors="pt", padding=True))
+        batch = [[image] for image in images] if self.nested_images else images
+        return dict(
+            self.processor(
+                images=batch, text=texts, return_tensors="pt", padding=True, **self.special_tokens_kwargs(texts)
+            )
+        )
 
     def image_mask(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Boolean (batch, token): positions holding image features."""
@@ -183,6 +269,56 @@ class Adapter:
             mask = inputs["attention_mask"][0].bool()
             self._count_cache[key] = (int(mask.sum()), int(self.image_mask(inputs)[0][mask].sum()))
         return self._count_cache[key]
+
+    def token_roles(self, input_ids: np.ndarray, image: np.ndarray, text: str, instruction: str) -> np.ndarray:
+        """Role of every valid token of one sample (`vislens.store.schema` ROLE_* codes), (n,) uint8.
+
+        ``input_ids`` (n,) and ``image`` (n,) bool are the processor's valid tokens and image
+        positions; ``text`` is the formatted prompt (`format_prompt`) and ``instruction`` the prompt
+        text before the template. The formatted text is tokenized alone with character offsets;
+        its tokens are aligned with the processor's (which expand image placeholders and may insert
+        markers); a token whose characters overlap the instruction is ``instruction``, the BOS token
+        ``bos``, an image position ``image``, everything else (template words, separators, inserted
+        markers, other special tokens) ``template``.
+        """
+        from difflib import SequenceMatcher
+
+        from vislens.store import schema
+
+        tok = self.tokenizer
+        if not getattr(tok, "is_fast", False):
+            raise ModelError(
+                f"{type(tok).__name__} is a slow tokenizer; vislens needs a fast one (character offsets) to tell "
+                "instruction tokens from template tokens: load the checkpoint's tokenizer.json (use_fast=True)"
+            )
+        add_special = self.special_tokens_kwargs([text]).get("add_special_tokens", True)
+        enc = tok(text, return_offsets_mapping=True, add_special_tokens=add_special)
+        ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+        start, end = _instruction_span(text, instruction, self.image_placeholder)
+        bos = tok.bos_token_id
+        own = []
+        for token, (a, b) in zip(ids, offsets, strict=True):
+            if token == bos:
+                own.append(schema.ROLE_BOS)
+            elif b > a and a < end and b > start:  # covers characters of the instruction
+                own.append(schema.ROLE_INSTRUCTION)
+            else:
+                own.append(schema.ROLE_TEMPLATE)
+        roles = np.full(len(input_ids), schema.ROLE_TEMPLATE, dtype=np.uint8)
+        matcher = SequenceMatcher(None, [int(i) for i in input_ids], ids, autojunk=False)
+        for block in matcher.get_matching_blocks():
+            roles[block.a : block.a + block.size] = own[block.b : block.b + block.size]
+        roles[np.asarray(image, dtype=bool)] = schema.ROLE_IMAGE
+        if instruction_core(instruction, self.image_placeholder) and not (roles == schema.ROLE_INSTRUCTION).any():
+            raise ModelError(
+                f"no token of the instruction {instruction[:60]!r} was found in the model's input; "
+                "the prompt template dropped it (check the family's format_prompt)"
+            )
+        return roles
+
+    def logits(self, outputs: Any) -> torch.Tensor:
+        """The model's own next-token logits (batch, token, vocab) from a `forward`."""
+        return outputs.logits
 
     # ---- forward -------------------------------------------------------------------
     def forward(self, inputs: dict[str, torch.Tensor]) -> Any:

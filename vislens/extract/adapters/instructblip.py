@@ -102,6 +102,16 @@ class InstructBlipAdapter(Adapter):
         return self.model.language_model.model
 
     @property
+    def vision_layers(self) -> torch.nn.ModuleList:
+        """The ViT's encoder layers (``model.vision_model``), before the Q-Former."""
+        return self.model.vision_model.encoder.layers
+
+    @property
+    def projector(self) -> torch.nn.Module:
+        """``language_projection``: Q-Former query outputs into the decoder's space (the image tokens)."""
+        return self.model.language_projection
+
+    @property
     def image_placeholder(self) -> str:
         """``<image>`` (the processor holds it as an ``AddedToken``)."""
         return str(getattr(self.processor, "image_token", "<image>"))

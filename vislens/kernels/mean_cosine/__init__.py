@@ -1,4 +1,4 @@
-"""Mean cosine similarity between two sets of rows (METHODS.md, analysis 2), in one pass.
+"""Mean cosine similarity between two sets of rows (docs/methods.md, analysis 2), in one pass.
 
 Uses the exact identity mean_ij cos(a_i, b_j) = mean_i(a_i/|a_i|) . mean_j(b_j/|b_j|): the
 kernels only sum unit rows (fp32 accumulation), never forming the m x n matrix.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from vislens.kernels._backend import load, resolve
@@ -48,6 +49,8 @@ def mean_cosine(
         ua, ub = _unit_mean_pair(a, a_mask, b_mask, name)
     else:
         ua, ub = _unit_mean(a, a_mask, name), _unit_mean(b, b_mask, name)
+    if ua.device.type == "cpu":
+        return torch.from_numpy(np.asarray((ua.numpy() * ub.numpy()).sum(-1)))
     return (ua * ub).sum(-1)
 
 
@@ -85,8 +88,7 @@ def _unit_mean(x: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.T
         return eager.unit_mean(x, mask)
     *lead, m, d = x.shape
     flat, offsets = _rows(x, mask)
-    sums = load(__name__, name).unit_sums(flat, offsets, d)
-    return (sums / (offsets >= 0).sum(-1, keepdim=True)).reshape(*lead, d)
+    return _means(load(__name__, name).unit_sums(flat, offsets, d), offsets).reshape(*lead, d)
 
 
 def _same_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -99,31 +101,56 @@ def _unit_mean_pair(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`_unit_mean` of x under two masks in one kernel call (one parallel pass over both row sets)."""
     *lead, m, d = x.shape
-    flat, offsets_a = _rows(x, mask_a)
-    _, offsets_b = _rows(x, mask_b)
-    offsets = torch.stack([offsets_a, offsets_b], dim=1).reshape(-1, m)  # interleaved: balanced threads
-    sums = load(__name__, name).unit_sums(flat, offsets, d) / (offsets >= 0).sum(-1, keepdim=True)
-    sums = sums.reshape(-1, 2, d)
+    flat, rows = _rows(x, None)
+    pair = (_masked(rows, mask_a, x), _masked(rows, mask_b, x))
+    if x.device.type == "cpu":
+        offsets = torch.from_numpy(np.stack([o.numpy() for o in pair], axis=1).reshape(-1, m))
+    else:
+        offsets = torch.stack(pair, dim=1).reshape(-1, m)  # interleaved: balanced threads
+    sums = _means(load(__name__, name).unit_sums(flat, offsets, d), offsets).reshape(-1, 2, d)
     return sums[:, 0].reshape(*lead, d), sums[:, 1].reshape(*lead, d)
+
+
+def _means(sums: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Sums (G, d) over the valid rows of each group (offsets >= 0) -> means, float32."""
+    if offsets.device.type == "cpu":
+        counts = (offsets.numpy() >= 0).sum(-1, keepdims=True).astype(np.float32)
+        with np.errstate(invalid="ignore"):  # no valid row: 0 / 0 = NaN, as documented
+            return torch.from_numpy(sums.numpy() / counts)
+    return sums / (offsets >= 0).sum(-1, keepdim=True)
 
 
 def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """x's storage as a 1-D tensor, and where each row starts in it: (G, m) int64, -1 if masked.
 
     Kernels read rows through these offsets, so a strided view (the image tokens of a
-    (layer, token, hidden) array, or a broadcast) is read in place, never copied.
+    (layer, token, hidden) array, or a broadcast) is read in place, never copied. On the CPU this
+    bookkeeping (and `_masked`, `_means`, the final dot) runs in numpy, single-threaded: as
+    torch ops, each would start an OpenMP parallel region, and on 2 busy cores those barriers
+    cost more than the kernel's whole pass over the data.
     """
     if x.stride(-1) != 1:
         x = x.contiguous()
     *lead, m, d = x.shape
-    offsets = torch.zeros(x.shape[:-1], dtype=torch.int64, device=x.device)
-    for dim, (size, stride) in enumerate(zip(x.shape[:-1], x.stride()[:-1])):
-        steps = torch.arange(size, device=x.device) * stride
-        offsets += steps.view((size,) + (1,) * (x.dim() - 2 - dim))
     span = 1 + sum((size - 1) * stride for size, stride in zip(x.shape, x.stride())) if x.numel() else 0
-    if mask is not None:
-        offsets = offsets.masked_fill(~mask.expand(x.shape[:-1]), -1)
-    return x.as_strided((span,), (1,)), offsets.reshape(math.prod(lead), m)
+    flat = x.as_strided((span,), (1,))
+    cpu = x.device.type == "cpu"
+    offsets = np.zeros(x.shape[:-1], np.int64) if cpu else torch.zeros(x.shape[:-1], dtype=torch.int64, device=x.device)
+    for dim, (size, stride) in enumerate(zip(x.shape[:-1], x.stride()[:-1])):
+        steps = np.arange(size, dtype=np.int64) * stride if cpu else torch.arange(size, device=x.device) * stride
+        offsets += steps.reshape((size,) + (1,) * (x.dim() - 2 - dim))
+    offsets = torch.from_numpy(offsets) if cpu else offsets
+    return flat, _masked(offsets.reshape(math.prod(lead), m), mask, x)
+
+
+def _masked(offsets: torch.Tensor, mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """`_rows` offsets (G, m) of x with the rows outside mask set to -1."""
+    if mask is None:
+        return offsets
+    if x.device.type == "cpu":
+        keep = np.broadcast_to(mask.numpy(), x.shape[:-1]).reshape(offsets.shape)
+        return torch.from_numpy(np.where(keep, offsets.numpy(), -1))
+    return offsets.masked_fill(~mask.expand(x.shape[:-1]).reshape(offsets.shape), -1)
 
 
 def _present(*masks: torch.Tensor | None) -> list[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Norm-based attention (METHODS.md, analysis 3): attention weights scaled by what they move.
+"""Norm-based attention (docs/methods.md, analysis 3): attention weights scaled by what they move.
 
 Fused: from the attention weights and the per-token Gram matrices of the head outputs
 (`value_gram`), nothing of size Q x N x H x H is formed.

@@ -1,0 +1,57 @@
+"""Noisy prompts: random strings of the model's own tokens, never its special tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vislens.extract.adapters import load_adapter
+from vislens.extract.prompts import NOISY_LENGTH, noisy_prompt
+
+
+def test_noisy_prompts_never_draw_special_tokens():
+    """Half the vocabulary special: 200 prompts of 10-15 draws would hit one almost surely. Every
+    draw is one word here, so a prompt of fewer than 10 words drew a special token."""
+    size = 64
+    special = np.arange(size) % 2 == 0
+    vocabulary = [f"<s{i}>" if special[i] else f" w{i}" for i in range(size)]
+    lengths = set()
+    for index in range(200):
+        prompt = noisy_prompt(vocabulary, special, seed=3, index=index)
+        words = prompt.text.split()
+        assert "<" not in prompt.text, prompt.text
+        assert all(int(w[1:]) % 2 == 1 for w in words)
+        lengths.add(len(words))
+        assert prompt == noisy_prompt(vocabulary, special, seed=3, index=index)  # reproducible
+    assert lengths == set(range(NOISY_LENGTH[0], NOISY_LENGTH[1] + 1))
+
+
+def test_pieces_that_spell_a_special_token_are_removed():
+    """``<`` ``s`` ``>`` are ordinary pieces, ``<s>`` and ``<image>`` special: the drawn text must not
+    spell them, or the tokenizer reads a BOS or an image placeholder in the noise."""
+    vocabulary = ["<", "s", ">", "<s>", "<image>", "image", ""]
+    special = np.array([False, False, False, True, True, False, True])
+    spelled = 0
+    for index in range(100):
+        raw = "".join(vocabulary[i] for i in np.random.default_rng([0, index]).choice(3, 15))
+        text = noisy_prompt(vocabulary, special, seed=0, index=index).text
+        spelled += "<s>" in raw or "<image>" in raw
+        assert "<s>" not in text and "<image>" not in text, text
+    assert spelled > 10  # the pieces do spell them often
+
+
+def test_noisy_prompts_of_a_real_tokenizer_hold_only_the_templates_special_tokens(toy_models):
+    """The toy tokenizer's vocabulary (5 special tokens of 512): BOS, EOS, pad, unk and <image>
+    never come from the noise; the formatted prompt holds exactly the template's BOS and image."""
+    adapter = load_adapter(str(toy_models["mha"])).adapter
+    tok = adapter.tokenizer
+    texts, special = adapter.vocabulary()
+    special_ids = set(tok.all_special_ids)
+    assert special_ids <= set(np.flatnonzero(special)) and adapter.image_token_id in special_ids
+    empty = tok(adapter.format_prompt(""), add_special_tokens=True)["input_ids"]
+    template = sorted(i for i in empty if i in special_ids)
+    for index in range(100):
+        prompt = noisy_prompt(texts, special, seed=0, index=index)
+        noise = tok(prompt.text, add_special_tokens=False)["input_ids"]
+        assert not special_ids & set(noise), (prompt.text, sorted(special_ids & set(noise)))
+        ids = tok(adapter.format_prompt(prompt.text), add_special_tokens=True)["input_ids"]
+        assert sorted(i for i in ids if i in special_ids) == template
