@@ -37,7 +37,12 @@ def run_demo(
     for family in families:
         model, store = trained_toy_path(family), out / STORES[family]
         config = ExtractConfig(
-            model=str(model), data=data, out=str(store), prompts=tuple(prompts), batch_size=8, device="cpu",
+            model=str(model),
+            data=data,
+            out=str(store),
+            prompts=tuple(prompts),
+            batch_size=8,
+            device="cpu",
             progress=progress,
         )
         print(extract(config).summary())

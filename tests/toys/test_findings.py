@@ -54,8 +54,14 @@ def test_caption_loss_falls_as_image_tokens_are_added(toy, held_out, tmp_path):
     family, model, _ = toy
     n = int(model.config.num_query_tokens) if family == "instructblip" else 36
     out = tmp_path / "ablation.zarr"
-    config = AblateConfig(model=str(trained_toy_path(family)), data=str(held_out), out=str(out), ks=(1, n // 2, n),
-                          device="cpu", progress=False)
+    config = AblateConfig(
+        model=str(trained_toy_path(family)),
+        data=str(held_out),
+        out=str(out),
+        ks=(1, n // 2, n),
+        device="cpu",
+        progress=False,
+    )
     ablate(config)
     curve = truncation_curve(ablation_group(str(out))).groupby("k")["mean_loss"].mean()
     assert curve[1] > curve[n // 2] > curve[n], curve

@@ -9,8 +9,8 @@ import torch
 
 from vislens.errors import ConfigError
 from vislens.extract.adapters import load_adapter
-from vislens.toys.train import Batches, Stage, TrainConfig, random_init_toy, slot_text, train_toy
 from vislens.toys.shapes import scene
+from vislens.toys.train import Batches, Stage, TrainConfig, random_init_toy, slot_text, train_toy
 
 STAGES = (
     Stage("text", 2, 1e-3, ("decoder",), loss="all", images=False),

@@ -5,10 +5,6 @@ random init (with random non-unit norms) on held-out shapes-world scenes, with v
 extraction, analyses and ablation, and rewrites the part of docs/toy-model.md between the
 ``<!-- card:begin -->`` and ``<!-- card:end -->`` markers (the prose around it is kept). Rerun
 it after changing an analysis; a few minutes on 2 CPU cores.
-
-Logit lens: vislens's `logit_lens` when it reports ``token_precision`` (the per-token rule);
-otherwise the same rule computed here from the store's cached top-1 ids (each image token's id
-decoded on its own, never joined with its neighbours). The table says which.
 """
 
 from __future__ import annotations
@@ -38,7 +34,6 @@ class Measured:
     recall: pd.DataFrame
     precision: pd.DataFrame
     token_precision: pd.DataFrame
-    lens_source: str
     cosine: pd.DataFrame
     image_share: pd.DataFrame
     truncation: pd.Series
@@ -55,38 +50,6 @@ def _per_layer(ds: Any, name: str) -> pd.DataFrame:
     return table[[k for k in KINDS if k in table.columns]]
 
 
-def _token_lens(tree: Any) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Precision, token precision, recall per layer and prompt kind by the per-token rule, from the store."""
-    from vislens.analyze.common import as_text, finished, group
-    from vislens.analyze.logit_lens import cached_topk
-    from vislens.analyze.words import reference_words, words
-    from vislens.store import IMAGE
-    from vislens.toys.evaluate import score_tokens
-
-    acts = finished(group(tree, "activations"))
-    top = cached_topk(tree, 1).values[..., 0]  # (sample, layer, token)
-    lens = group(tree, "lens")
-    texts, special = [str(t) for t in lens["vocab_text"].values], np.asarray(lens["vocab_special"].values)
-    word_of = [None if special[i] else (w[0] if len(w := words(texts[i])) == 1 else None) for i in range(len(texts))]
-    caps = group(tree, "captions")
-    refs = [reference_words(caps["text"].values[i, : caps["n_captions"].values[i]]) for i in range(caps.sizes["image"])]
-    modality, image_index = acts["modality"].values, acts["image_index"].values
-    kinds = as_text(acts["prompt_kind"]).values
-    rows = []
-    for s in range(top.shape[0]):
-        positions = np.flatnonzero(modality[s] == IMAGE)
-        for layer in range(top.shape[1]):
-            per_token = [word_of[i] for i in top[s, layer, positions]]
-            p, tp, r = score_tokens(per_token, refs[int(image_index[s])])
-            rows.append({"prompt_kind": str(kinds[s]), "layer": layer, "precision": p, "token_precision": tp, "recall": r})
-    frame = pd.DataFrame(rows).groupby(["layer", "prompt_kind"]).mean().reset_index()
-    out = []
-    for name in ("precision", "token_precision", "recall"):
-        table = frame.pivot(index="layer", columns="prompt_kind", values=name)
-        out.append(table[[k for k in KINDS if k in table.columns]])
-    return out[0], out[1], out[2]
-
-
 def measure(name: str, model: Path, data: Path, work: Path, *, n_caption: int) -> Measured:
     """Caption F1, lens, cosine, norm attention and truncation of one checkpoint on the manifest ``data``."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -101,17 +64,15 @@ def measure(name: str, model: Path, data: Path, work: Path, *, n_caption: int) -
     loaded = AutoModelForImageTextToText.from_pretrained(model).eval()
     f1, got = caption_f1(loaded, AutoProcessor.from_pretrained(model), n_caption)
     store = work / f"{name}.zarr"
-    extract(ExtractConfig(model=str(model), data=str(data), out=str(store), prompts=KINDS, device="cpu",
-                          batch_size=8, progress=False))
+    extract(
+        ExtractConfig(
+            model=str(model), data=str(data), out=str(store), prompts=KINDS, device="cpu", batch_size=8, progress=False
+        )
+    )
     ablate(AblateConfig(model=str(model), data=str(data), out=str(store), device="cpu", progress=False))
     tree = open_store(str(store))
     lens = logit_lens(tree)
-    if "token_precision" in lens:
-        precision, token_precision, recall = (_per_layer(lens, v) for v in ("precision", "token_precision", "recall"))
-        source = "vislens.analyze.logit_lens"
-    else:
-        precision, token_precision, recall = _token_lens(tree)
-        source = "per-token rule on the store's top-1 ids (vislens.toys.card)"
+    precision, token_precision, recall = (_per_layer(lens, v) for v in ("precision", "token_precision", "recall"))
     ablation = ablation_group(tree)
     pooled = reduction_curve(ablation)
     pooled = pooled[pooled.prompt_id == "all"].set_index("k")
@@ -124,7 +85,6 @@ def measure(name: str, model: Path, data: Path, work: Path, *, n_caption: int) -
         recall=recall,
         precision=precision,
         token_precision=token_precision,
-        lens_source=source,
         cosine=_per_layer(cosine(tree), "inter_modal"),
         image_share=_per_layer(norm_attention(tree), "image_share"),
         truncation=pooled["mean_loss"],
@@ -143,61 +103,118 @@ def findings(family: str, t: Measured, r: Measured) -> list[tuple[str, str, bool
     """(finding, measured, reproduced) for each of the study's findings that the toys can show."""
     rec = t.recall["normal"].to_numpy()
     last, best = len(rec) - 1, int(np.argmax(rec))
-    early = rec[: max(1, len(rec) // 3)].mean()
     out = [
-        ("captions: held-out greedy-caption word F1 >= 0.8", f"{_f(t.caption_f1)} (random init {_f(r.caption_f1)})",
-         t.caption_f1 >= 0.8),
+        (
+            "captions: held-out greedy-caption word F1 >= 0.8",
+            f"{_f(t.caption_f1)} (random init {_f(r.caption_f1)})",
+            t.caption_f1 >= 0.8,
+        ),
         ("logit lens: recall near zero at the decoder's input (layer 0)", f"layer 0: {_f(rec[0])}", rec[0] < 0.1),
-        ("logit lens: recall rises with depth (best layer >= 2x layer 0 and >= 0.2)",
-         f"best layer {best}: {_f(rec[best])} vs layer 0: {_f(rec[0])}", rec[best] >= max(2 * rec[0], 0.2)),
-        ("logit lens: a small drop in the last layer(s)", f"layer {last}: {_f(rec[last])} vs best {_f(rec[best])}",
-         best < last and rec[last] < rec[best]),
-        ("logit lens: above the random-init twin at every layer from the middle on",
-         f"random init, best layer: {_f(float(r.recall['normal'].max()))}",
-         bool((t.recall["normal"].to_numpy()[len(rec) // 2 :] > r.recall["normal"].max()).all())),
+        (
+            "logit lens: recall rises with depth (best layer >= 2x layer 0 and >= 0.2)",
+            f"best layer {best}: {_f(rec[best])} vs layer 0: {_f(rec[0])}",
+            rec[best] >= max(2 * rec[0], 0.2),
+        ),
+        (
+            "logit lens: a small drop in the last layer(s)",
+            f"layer {last}: {_f(rec[last])} vs best {_f(rec[best])}",
+            best < last and rec[last] < rec[best],
+        ),
+        (
+            "logit lens: above the random-init twin at every layer from the middle on",
+            f"random init, best layer: {_f(float(r.recall['normal'].max()))}",
+            bool((t.recall["normal"].to_numpy()[len(rec) // 2 :] > r.recall["normal"].max()).all()),
+        ),
     ]
     if family == "llava":
         spread = float((t.recall.max(axis=1) - t.recall.min(axis=1)).max())
-        out.append(("logit lens (LLaVA): the prompt kind barely matters", f"largest spread between kinds {_f(spread)}",
-                    spread < 0.05))
+        out.append(
+            (
+                "logit lens (LLaVA): the prompt kind barely matters",
+                f"largest spread between kinds {_f(spread)}",
+                spread < 0.05,
+            )
+        )
     else:
         mid = len(rec) // 2
         e, n = t.recall["empty"].to_numpy(), t.recall["normal"].to_numpy()
-        out.append(("logit lens (InstructBLIP): empty prompt best in the middle layers, below normal at the end",
-                    f"layer {mid}: empty {_f(e[mid])} vs normal {_f(n[mid])}; layer {last}: empty {_f(e[last])} vs "
-                    f"normal {_f(n[last])}", bool(e[mid] > n[mid] and e[last] < n[last])))
+        out.append(
+            (
+                "logit lens (InstructBLIP): empty prompt best in the middle layers, below normal at the end",
+                f"layer {mid}: empty {_f(e[mid])} vs normal {_f(n[mid])}; layer {last}: empty {_f(e[last])} vs "
+                f"normal {_f(n[last])}",
+                bool(e[mid] > n[mid] and e[last] < n[last]),
+            )
+        )
     cos = t.cosine["normal"].to_numpy()
     rise = cos[len(cos) // 3 : -1].max() > cos[: max(2, len(cos) // 3)].min()
-    out.append(("cosine: a rise in the middle-to-late layers and a decline in the last layer",
-                f"{' '.join(_f(v, 2) for v in cos)}", bool(rise and cos[-1] < cos[:-1].max())))
+    out.append(
+        (
+            "cosine: a rise in the middle-to-late layers and a decline in the last layer",
+            f"{' '.join(_f(v, 2) for v in cos)}",
+            bool(rise and cos[-1] < cos[:-1].max()),
+        )
+    )
     share = t.image_share["normal"].to_numpy()
     half = len(share) // 2
-    out.append(("norm attention: attention to image tokens grows from the middle layers on",
-                f"first half {_f(share[:half].mean())}, second half {_f(share[half:].mean())}",
-                bool(share[half:].mean() > share[:half].mean())))
+    out.append(
+        (
+            "norm attention: attention to image tokens grows from the middle layers on",
+            f"first half {_f(share[:half].mean())}, second half {_f(share[half:].mean())}",
+            bool(share[half:].mean() > share[:half].mean()),
+        )
+    )
     one, full = float(t.truncation.iloc[0]), t.full_loss
-    out.append(("truncation: caption loss falls as image tokens are added (one token vs all)",
-                f"{_f(one)} -> {_f(full)} (random init {_f(float(r.truncation.iloc[0]))} -> {_f(r.full_loss)})",
-                one > full + 0.1))
+    out.append(
+        (
+            "truncation: caption loss falls as image tokens are added (one token vs all)",
+            f"{_f(one)} -> {_f(full)} (random init {_f(float(r.truncation.iloc[0]))} -> {_f(r.full_loss)})",
+            one > full + 0.1,
+        )
+    )
     frac = t.k_for_70 / t.n_image_tokens
-    out.append(("truncation: ~40% of the image tokens give 70% of the loss reduction",
-                f"{_f(t.k_for_70, 0)} of {t.n_image_tokens} tokens ({_f(100 * frac, 0)}%)", bool(0.2 <= frac <= 0.6)))
+    out.append(
+        (
+            "truncation: ~40% of the image tokens give 70% of the loss reduction",
+            f"{_f(t.k_for_70, 0)} of {t.n_image_tokens} tokens ({_f(100 * frac, 0)}%)",
+            bool(0.2 <= frac <= 0.6),
+        )
+    )
     return out
 
 
 def _layer_table(t: Measured, r: Measured) -> str:
     kinds = list(t.recall.columns)
-    head = ["layer"] + [f"recall {k}" for k in kinds] + ["precision", "token precision", "recall (random)",
-                                                         "cosine", "cosine (random)", "image share",
-                                                         "image share (random)"]
+    head = (
+        ["layer"]
+        + [f"recall {k}" for k in kinds]
+        + [
+            "precision",
+            "token precision",
+            "recall (random)",
+            "cosine",
+            "cosine (random)",
+            "image share",
+            "image share (random)",
+        ]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for layer in t.recall.index:
         share = t.image_share["normal"].get(layer, np.nan)
         share_r = r.image_share["normal"].get(layer, np.nan)
-        row = [str(layer)] + [_f(t.recall[k][layer]) for k in kinds] + [
-            _f(t.precision["normal"][layer]), _f(t.token_precision["normal"][layer]), _f(r.recall["normal"][layer]),
-            _f(t.cosine["normal"][layer]), _f(r.cosine["normal"][layer]), _f(share), _f(share_r),
-        ]
+        row = (
+            [str(layer)]
+            + [_f(t.recall[k][layer]) for k in kinds]
+            + [
+                _f(t.precision["normal"][layer]),
+                _f(t.token_precision["normal"][layer]),
+                _f(r.recall["normal"][layer]),
+                _f(t.cosine["normal"][layer]),
+                _f(r.cosine["normal"][layer]),
+                _f(share),
+                _f(share_r),
+            ]
+        )
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -229,10 +246,12 @@ def render(results: dict[str, tuple[Measured, Measured]], records: dict[str, dic
             f"\n### {family}: measured\n",
             f"Training: {_stages(report)}; {report['total_seconds']:.0f} s in all, as recorded in `vislens_toy.json` "
             "(shared machine: see above).",
-            f"Held-out greedy captions ({meta['n_caption']} scenes, prompt \"Briefly describe the content of the "
-            f"image:\"): word F1 **{_f(t.caption_f1)}** (random init {_f(r.caption_f1)}); e.g. "
-            + "; ".join(f"\"{c}\"" for c in t.example_captions[:2]) + ".",
-            f"Logit lens: {t.lens_source}. Layer 0 is the decoder's input; layer {len(t.recall) - 1} its output.\n",
+            f'Held-out greedy captions ({meta["n_caption"]} scenes, prompt "Briefly describe the content of the '
+            f'image:"): word F1 **{_f(t.caption_f1)}** (random init {_f(r.caption_f1)}); e.g. '
+            + "; ".join(f'"{c}"' for c in t.example_captions[:2])
+            + ".",
+            f"Logit lens (`vislens analyze logit-lens`, top-1): layer 0 is the decoder's input; layer "
+            f"{len(t.recall) - 1} its output.\n",
             _layer_table(t, r),
             "\nTruncation (caption loss vs the first k image tokens kept, mean over the 5 ablation prompts):\n",
             _truncation_table(t, r),

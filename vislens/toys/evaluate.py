@@ -56,7 +56,12 @@ def _adapter(model: torch.nn.Module, processor: Any) -> Any:
 
 @torch.no_grad()
 def greedy_captions(
-    model: torch.nn.Module, processor: Any, images: list[Any], *, prompt: str = EVAL_PROMPT, max_new_tokens: int = 40,
+    model: torch.nn.Module,
+    processor: Any,
+    images: list[Any],
+    *,
+    prompt: str = EVAL_PROMPT,
+    max_new_tokens: int = 40,
     batch_size: int = 32,
 ) -> list[str]:
     """Greedy captions, one per image (the same prompt for all: no padding is needed)."""

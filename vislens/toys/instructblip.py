@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vislens.toys.shapes import caption_corpus
 from vislens.toys.norms import randomize_norms
+from vislens.toys.shapes import caption_corpus
 from vislens.toys.text import build_toy_tokenizer, text_config_kwargs
 
 QFORMER_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -115,16 +115,38 @@ def trained_spec(family: str, seed: int = 0) -> Any:
         from vislens.toys.llava import ToySpec
 
         return ToySpec(
-            layers=6, hidden=128, heads=4, kv_heads=2, intermediate=384, vocab=200, image_size=48, patch_size=8,
-            vision_hidden=64, vision_layers=3, seed=seed,
+            layers=6,
+            hidden=128,
+            heads=4,
+            kv_heads=2,
+            intermediate=384,
+            vocab=200,
+            image_size=48,
+            patch_size=8,
+            vision_hidden=64,
+            vision_layers=3,
+            seed=seed,
         )
     if family == "instructblip":
         from vislens.toys.instructblip import ToyInstructBlipSpec
 
         return ToyInstructBlipSpec(
-            layers=6, hidden=128, heads=4, kv_heads=2, intermediate=384, vocab=200, image_size=48, patch_size=8,
-            vision_hidden=64, vision_layers=3, qformer_hidden=64, qformer_layers=2, qformer_vocab=256,
-            query_tokens=12, qformer_cross_every=1, seed=seed,
+            layers=6,
+            hidden=128,
+            heads=4,
+            kv_heads=2,
+            intermediate=384,
+            vocab=200,
+            image_size=48,
+            patch_size=8,
+            vision_hidden=64,
+            vision_layers=3,
+            qformer_hidden=64,
+            qformer_layers=2,
+            qformer_vocab=256,
+            query_tokens=12,
+            qformer_cross_every=1,
+            seed=seed,
         )
     raise ConfigError(f"no trained toy of family {family!r}; choose llava or instructblip")
 
@@ -299,7 +321,9 @@ def cell_head(model: torch.nn.Module, family: str) -> torch.nn.Linear:
     return torch.nn.Linear(width, len(COLOURS) + 1 + len(SHAPES) + 1)
 
 
-def _cell_loss(model: torch.nn.Module, family: str, head: torch.nn.Linear, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _cell_loss(
+    model: torch.nn.Module, family: str, head: torch.nn.Linear, batch: dict[str, torch.Tensor]
+) -> torch.Tensor:
     """Cross-entropy of the colour and kind of the grid cell each patch lies in, from that patch's features."""
     feats = vision_features(model, family, batch["pixel_values"])  # (batch, patch, width)
     side = int(round(feats.shape[1] ** 0.5))
@@ -407,8 +431,14 @@ def train_toy(out: str | Path | None, config: TrainConfig = TrainConfig()) -> tu
             opt.step()
             losses.append(loss.item())
             if step % 100 == 0 or step == stage.steps - 1:
-                log.info("%s step %d/%d loss %.4f (%.0f s)", stage.name, step, stage.steps, np.mean(losses[-50:]),
-                         time.perf_counter() - t0)
+                log.info(
+                    "%s step %d/%d loss %.4f (%.0f s)",
+                    stage.name,
+                    step,
+                    stage.steps,
+                    np.mean(losses[-50:]),
+                    time.perf_counter() - t0,
+                )
         record: dict[str, Any] = {
             "stage": stage.name,
             "seconds": round(time.perf_counter() - t0, 1),
