@@ -270,8 +270,13 @@ class Batches:
         """A random batch for ``stage``."""
         n = self.config.batch_size
         index = rng.integers(len(self.scenes), size=n)
-        if stage.loss == "cells":
-            return self.cells(index)
+        if stage.loss in ("cells", "query-cells"):
+            out = self.cells(index)
+            if stage.loss == "query-cells":
+                contexts = [self.adapter.ablation_texts(self.prompt(rng), "x")[0] for _ in index]
+                q = self.qformer_tok(contexts, return_tensors="pt", padding=True)
+                out["qformer_input_ids"], out["qformer_attention_mask"] = q["input_ids"], q["attention_mask"]
+            return out
         template = rng.integers(len(self.captions[0]), size=n)
         rows = [self.example(int(i), int(t), self.prompt(rng), stage) for i, t in zip(index, template, strict=True)]
         width = max(len(ids) for ids, _, _ in rows)
@@ -315,10 +320,35 @@ def vision_features(model: torch.nn.Module, family: str, pixel_values: torch.Ten
     return model.vision_model(pixel_values=pixel_values).last_hidden_state[:, 1:]
 
 
-def cell_head(model: torch.nn.Module, family: str) -> torch.nn.Linear:
-    """The linear probe of the vision stage: per grid cell, colour and kind logits (each with an 'empty' class)."""
-    width = model.config.vision_config.hidden_size
-    return torch.nn.Linear(width, len(COLOURS) + 1 + len(SHAPES) + 1)
+def cell_head(model: torch.nn.Module, family: str, loss: str = "cells") -> torch.nn.Linear:
+    """The linear probe of a cells stage: per grid cell, colour and kind logits (each with an 'empty' class).
+
+    It reads the vision tower's patches (``cells``) or the Q-Former's query outputs (``query-cells``).
+    """
+    config = model.config.qformer_config if loss == "query-cells" else model.config.vision_config
+    return torch.nn.Linear(config.hidden_size, len(COLOURS) + 1 + len(SHAPES) + 1)
+
+
+def _query_cell_loss(model: torch.nn.Module, head: torch.nn.Linear, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of the colour and kind of grid cell j from the Q-Former's output of query j (j < 9).
+
+    The other queries are free. Only the Q-Former's own output is probed (before the language
+    projection), never the decoder's image tokens.
+    """
+    out = model.get_image_features(
+        pixel_values=batch["pixel_values"],
+        qformer_input_ids=batch["qformer_input_ids"],
+        qformer_attention_mask=batch["qformer_attention_mask"],
+        return_dict=True,
+    )
+    n_query = model.query_tokens.shape[1]
+    queries = out.qformer_outputs[0][:, :n_query][:, :9]  # (batch, cell, width)
+    logits = head(queries)
+    n_colour = len(COLOURS) + 1
+    ce = torch.nn.functional.cross_entropy
+    return ce(logits[..., :n_colour].reshape(-1, n_colour), batch["colour"].reshape(-1)) + ce(
+        logits[..., n_colour:].reshape(-1, len(SHAPES) + 1), batch["kind"].reshape(-1)
+    )
 
 
 def _cell_loss(
@@ -412,7 +442,8 @@ def train_toy(out: str | Path | None, config: TrainConfig = TrainConfig()) -> tu
         params = [p for p in model.parameters() if id(p) in trainable]
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable)
-        head = cell_head(model, config.family) if stage.loss == "cells" else None  # discarded after the stage
+        probe = stage.loss in ("cells", "query-cells")
+        head = cell_head(model, config.family, stage.loss) if probe else None  # discarded after the stage
         if head is not None:
             params += list(head.parameters())
         opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
@@ -421,7 +452,9 @@ def train_toy(out: str | Path | None, config: TrainConfig = TrainConfig()) -> tu
             for g in opt.param_groups:
                 g["lr"] = stage.lr * _schedule(step, stage.steps)
             batch = data.batch(rng, stage)
-            if head is not None:
+            if stage.loss == "query-cells":
+                loss = _query_cell_loss(model, head, batch)
+            elif head is not None:
                 loss = _cell_loss(model, config.family, head, batch)
             else:
                 loss = _loss(model, config.family, batch, stage.images)
