@@ -8,9 +8,12 @@ trains it in stages, each a `Stage` that names what it trains and on what:
    the text holds the scene written out (``Stage.slot``: ``"scene"`` = each shape's colour, kind
    and position in reading order, e.g. ``red circle top left blue square bottom``), so that the
    decoder learns to read a description of the scene from the image's place and caption it.
-2. ``align``: the vision tower and the projector (LLaVA's MLP; InstructBLIP's Q-Former, query
-   tokens and language projection) with the decoder frozen; loss on the caption tokens only.
-3. ``joint``: everything, loss on the caption tokens only.
+2. ``vision``: the vision tower alone, through a discarded probe that names each patch's grid
+   cell content (InstructBLIP: and its place); InstructBLIP then ``queries``: the Q-Former's
+   query j names cell j's content (a stand-in for a pretrained CLIP and Q-Former).
+3. ``align``: the projector (LLaVA's MLP; InstructBLIP's Q-Former, query tokens and language
+   projection), vision tower and decoder frozen; loss on the caption tokens only.
+4. ``joint``: projector and decoder, loss on the caption tokens only.
 
 No objective is added at the image tokens: their hidden states are never a target. What the
 logit lens reads from them comes from the staging (see docs/toy-model.md, which also records
@@ -50,11 +53,15 @@ NOISE_SEED = 1000
 class Stage:
     """One stage of training.
 
-    ``train``: the parts that learn (``vision``, ``projector``, ``decoder``); ``loss``:
-    ``"all"`` (every next token), ``"caption"`` (the caption and its end only) or ``"cells"``
-    (the vision tower alone names, from each patch, the colour and kind of the shape in the
-    patch's grid cell, through a linear probe that is discarded afterwards); ``images``: whether the model sees images (else the text holds
-    ``slot`` where the image goes).
+    ``train``: the parts that learn (``vision``, ``projector``, ``decoder``). ``loss``:
+
+    - ``"all"``: every next token; ``"caption"``: the caption and its end only;
+    - ``"cells"``: the vision tower names, from each patch, the colour and kind of the shape in
+      the patch's grid cell; ``"cells-where"``: also which of the 9 cells the patch lies in;
+    - ``"query-cells"``: the Q-Former names, from query j's output, the content of cell j (j < 9).
+
+    The cells losses read through a linear probe that is discarded after the stage. ``images``:
+    whether the model sees images (else the text holds ``slot`` where the image goes).
     """
 
     name: str
@@ -68,11 +75,19 @@ class Stage:
 
 def default_stages(family: str) -> tuple[Stage, ...]:
     """The staging the shipped toys were trained with."""
-    align = 400 if family == "llava" else 600
-    return (
-        Stage("text", 600, 3e-3, ("decoder",), loss="all", images=False),
-        Stage("vision", 300, 2e-3, ("vision",), loss="cells"),
-        Stage("align", align, 2e-3, ("projector",)),
+    text = Stage("text", 600, 3e-3, ("decoder",), loss="all", images=False)
+    if family == "llava":
+        return (
+            text,
+            Stage("vision", 300, 2e-3, ("vision",), loss="cells"),
+            Stage("align", 400, 2e-3, ("projector",)),
+            Stage("joint", 600, 2e-3, ("projector", "decoder")),
+        )
+    return (  # the Q-Former must find the cells: the patches keep where they are, the queries learn to look
+        text,
+        Stage("vision", 300, 2e-3, ("vision",), loss="cells-where"),
+        Stage("queries", 600, 3e-3, ("projector",), loss="query-cells"),
+        Stage("align", 600, 2e-3, ("projector",)),
         Stage("joint", 600, 2e-3, ("projector", "decoder")),
     )
 
@@ -270,7 +285,7 @@ class Batches:
         """A random batch for ``stage``."""
         n = self.config.batch_size
         index = rng.integers(len(self.scenes), size=n)
-        if stage.loss in ("cells", "query-cells"):
+        if stage.loss in ("cells", "cells-where", "query-cells"):
             out = self.cells(index)
             if stage.loss == "query-cells":
                 contexts = [self.adapter.ablation_texts(self.prompt(rng), "x")[0] for _ in index]
@@ -326,7 +341,8 @@ def cell_head(model: torch.nn.Module, family: str, loss: str = "cells") -> torch
     It reads the vision tower's patches (``cells``) or the Q-Former's query outputs (``query-cells``).
     """
     config = model.config.qformer_config if loss == "query-cells" else model.config.vision_config
-    return torch.nn.Linear(config.hidden_size, len(COLOURS) + 1 + len(SHAPES) + 1)
+    where = 9 if loss == "cells-where" else 0
+    return torch.nn.Linear(config.hidden_size, len(COLOURS) + 1 + len(SHAPES) + 1 + where)
 
 
 def _query_cell_loss(model: torch.nn.Module, head: torch.nn.Linear, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -359,11 +375,15 @@ def _cell_loss(
     side = int(round(feats.shape[1] ** 0.5))
     cell = (torch.arange(side)[:, None] * 3 // side * 3 + torch.arange(side)[None, :] * 3 // side).reshape(-1)
     logits = head(feats)
-    n_colour = len(COLOURS) + 1
+    n_colour, n_kind = len(COLOURS) + 1, len(SHAPES) + 1
     ce = torch.nn.functional.cross_entropy
-    return ce(logits[..., :n_colour].reshape(-1, n_colour), batch["colour"][:, cell].reshape(-1)) + ce(
-        logits[..., n_colour:].reshape(-1, len(SHAPES) + 1), batch["kind"][:, cell].reshape(-1)
+    loss = ce(logits[..., :n_colour].reshape(-1, n_colour), batch["colour"][:, cell].reshape(-1)) + ce(
+        logits[..., n_colour : n_colour + n_kind].reshape(-1, n_kind), batch["kind"][:, cell].reshape(-1)
     )
+    if logits.shape[-1] > n_colour + n_kind:  # cells-where: also which cell the patch lies in
+        where = logits[..., n_colour + n_kind :]
+        loss = loss + ce(where.reshape(-1, 9), cell.repeat(where.shape[0]))
+    return loss
 
 
 def _loss(model: torch.nn.Module, family: str, batch: dict[str, torch.Tensor], images: bool) -> torch.Tensor:
@@ -442,7 +462,7 @@ def train_toy(out: str | Path | None, config: TrainConfig = TrainConfig()) -> tu
         params = [p for p in model.parameters() if id(p) in trainable]
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable)
-        probe = stage.loss in ("cells", "query-cells")
+        probe = stage.loss in ("cells", "cells-where", "query-cells")
         head = cell_head(model, config.family, stage.loss) if probe else None  # discarded after the stage
         if head is not None:
             params += list(head.parameters())
@@ -454,7 +474,7 @@ def train_toy(out: str | Path | None, config: TrainConfig = TrainConfig()) -> tu
             batch = data.batch(rng, stage)
             if stage.loss == "query-cells":
                 loss = _query_cell_loss(model, head, batch)
-            elif head is not None:
+            elif head is not None:  # cells, cells-where
                 loss = _cell_loss(model, config.family, head, batch)
             else:
                 loss = _loss(model, config.family, batch, stage.images)
