@@ -88,7 +88,7 @@ def default_stages(family: str) -> tuple[Stage, ...]:
         Stage("vision", 300, 2e-3, ("vision",), loss="cells-where"),
         Stage("queries", 600, 3e-3, ("projector",), loss="query-cells"),
         Stage("align", 600, 2e-3, ("projector",)),
-        Stage("joint", 600, 2e-3, ("projector", "decoder")),
+        Stage("joint", 1200, 2e-3, ("projector", "decoder")),
     )
 
 
