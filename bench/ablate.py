@@ -29,10 +29,11 @@ from _common import Contention, Row, Timing, machine, parser, print_table, versi
 from vislens.ablate import Work, naive_losses, shared_prefix_losses
 from vislens.ablate.inputs import encode_pairs, plan_pairs
 from vislens.extract.adapters import load_adapter
-from vislens.extract.datasets import load_data, make_synthetic
+from vislens.extract.datasets import load_data
 from vislens.extract.images import load_image
 from vislens.extract.prompts import Prompt
 from vislens.toys import ToySpec, toy_model_path
+from vislens.toys.shapes import make_shapes
 
 SPEC = ToySpec(image_size=96, patch_size=4, layers=4, hidden=128, heads=4, kv_heads=4, intermediate=344)
 PROMPT = Prompt(
@@ -66,7 +67,7 @@ LLAVA_7B = Shape("llava-1.5-7b", layers=32, hidden=4096, heads=32, kv_heads=32, 
 
 def _manifest(folder: Path, n: int, joined: int) -> Path:
     """Synthetic images whose caption joins ``joined`` references (2: a ~40-token suffix with the prompt)."""
-    source = make_synthetic(folder / "synthetic", n)
+    source = make_shapes(folder / "synthetic", n)
     lines = []
     for line in source.read_text().splitlines():
         item = json.loads(line)

@@ -20,8 +20,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from vislens.extract.datasets import make_synthetic  # noqa: E402
 from vislens.toys import ToySpec, build_toy_model  # noqa: E402
+from vislens.toys.shapes import make_shapes  # noqa: E402
 
 TOY_SPECS = {
     "mha": ToySpec(layers=3, heads=4, kv_heads=4, seed=1),
@@ -38,8 +38,8 @@ def toy_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Six synthetic images with captions, as a vislens manifest."""
-    return make_synthetic(tmp_path_factory.mktemp("data"), n=6, seed=3)
+    """Six shapes-world images with captions, as a vislens manifest."""
+    return make_shapes(tmp_path_factory.mktemp("data"), n=6, start=3)
 
 
 S3_BUCKET = "vislens-test"

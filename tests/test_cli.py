@@ -25,6 +25,7 @@ COMMANDS = [
     ["verify"],
     ["demo"],
     ["toy"],
+    ["toy", "train"],
 ]
 
 
@@ -71,23 +72,31 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "12 samples written" in proc.stdout and "demo finished" in proc.stdout
+    assert proc.stdout.count("12 samples written") == 2 and "demo finished" in proc.stdout
+    for name, model_type in (("store.zarr", "llava"), ("instructblip.zarr", "instructblip")):
+        tree = xr.open_datatree(out / name, engine="zarr")
+        assert model_type in str(tree.attrs["model"]).lower()
+        assert {"activations", "ablation"} <= set(tree.children)
     acts = xr.open_zarr(out / "store.zarr", group="activations")
     assert acts["hidden"].dims == ("sample", "layer", "token", "d_model")
     table = pd.read_csv(out / "cosine.csv")
     assert {"layer", "inter_modal", "prompt_kind"} <= set(table.columns)
     assert sorted(table.prompt_kind.unique()) == ["empty", "noisy", "normal"]
+    assert table.store.nunique() == 2
     assert (out / "cosine.png").stat().st_size > 10_000
     page = (out / "report" / "index.html").read_text()
-    for figure in ("logit_lens.png", "cosine.png", "norm_attention.png"):
+    for figure in ("logit_lens.png", "cosine.png", "norm_attention.png", "ablation_truncation.png"):
         assert figure in page
+    lens = pd.read_csv(out / "report" / "logit_lens" / "logit_lens.csv")
+    llava = lens[lens.store.str.endswith("store.zarr") & (lens.prompt_kind == "normal")].set_index("layer").recall
+    assert llava.max() >= max(2 * llava[0], 0.2), llava  # the trained toy: recall rises with depth
     rerun = subprocess.run(
         [sys.executable, "-m", "vislens", "demo", "--out", str(out), "--n", "4", "--no-progress"],
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert "0 samples written" in rerun.stdout and "12 already done" in rerun.stdout
+    assert rerun.stdout.count("0 samples written") == 2 and rerun.stdout.count("12 already done") == 2
 
 
 def test_readme_has_the_two_setup_commands_and_ci_runs_the_test_one():

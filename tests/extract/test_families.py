@@ -41,10 +41,10 @@ from vislens.errors import ModelError
 from vislens.extract import ExtractConfig, extract
 from vislens.extract.adapters import adapter_class, load_adapter
 from vislens.extract.adapters.qwen2_vl import image_text_processor
-from vislens.extract.datasets import make_synthetic
 from vislens.extract.prompts import Prompt
 from vislens.store import DONE, IMAGE, PADDING, TEXT, open_store
 from vislens.toys.families import FAMILIES, build_toy_family
+from vislens.toys.shapes import make_shapes
 
 SIZES = [(64, 64), (96, 48), (40, 80), (48, 64)]  # (width, height)
 FP16 = dict(rtol=2e-3, atol=2e-3)
@@ -56,8 +56,8 @@ ADAPTERS["idefics3"] = "Idefics3Adapter"
 
 @pytest.fixture(scope="module")
 def sized_manifest(tmp_path_factory):
-    """Four synthetic images resized to `SIZES`: different numbers of image tokens per image."""
-    manifest = make_synthetic(tmp_path_factory.mktemp("sized"), n=len(SIZES), seed=5)
+    """Four shapes-world images resized to `SIZES`: different numbers of image tokens per image."""
+    manifest = make_shapes(tmp_path_factory.mktemp("sized"), n=len(SIZES), start=5)
     for line, size in zip(manifest.read_text().splitlines(), SIZES):
         path = manifest.parent / json.loads(line)["image"]
         Image.open(path).convert("RGB").resize(size).save(path)

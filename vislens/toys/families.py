@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from vislens.errors import ConfigError
-from vislens.extract.datasets.synthetic import caption_corpus
 from vislens.toys.norms import randomize_norms
+from vislens.toys.shapes import caption_corpus
 from vislens.toys.text import text_config_kwargs
 
 FAMILIES = ("llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3")

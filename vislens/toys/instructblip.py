@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from vislens.extract.datasets.synthetic import caption_corpus
 from vislens.toys.norms import randomize_norms
+from vislens.toys.shapes import caption_corpus
 from vislens.toys.text import build_toy_tokenizer, text_config_kwargs
 
 QFORMER_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -39,6 +40,8 @@ class ToyInstructBlipSpec:
     qformer_layers: int = 2
     qformer_vocab: int = 256
     query_tokens: int = 8
+    qformer_cross_every: int = 2
+    """Cross-attention to the image in every n-th Q-Former layer (InstructBLIP's own: 2)."""
     seed: int = 0
 
 
@@ -61,21 +64,31 @@ def _lm_tokenizer(vocab_size: int):
 
 
 def build_qformer_tokenizer(vocab_size: int):
-    """Train a lowercasing BERT-style WordPiece tokenizer (``[CLS] text [SEP]``) on the captions and prompts."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A lowercasing BERT-style WordPiece tokenizer (``[CLS] text [SEP]``) for the captions and prompts.
+
+    Its vocabulary is chosen, not trained (transformers' WordPiece trainer breaks ties in a
+    different order on every call): the special tokens, every character alone and as a
+    ``##`` continuation, then whole words by frequency (ties by spelling) up to ``vocab_size``.
+    Rarer words split into pieces.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     from vislens.extract.prompts import normal_prompts
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
+    normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
     corpus = caption_corpus() + [p.text for p in normal_prompts()]
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=QFORMER_SPECIAL_TOKENS, show_progress=False
-    )
-    tok.train_from_iterator(corpus * 4, trainer)
+    counts = Counter(w for text in corpus for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in counts for c in w})
+    vocab = [*QFORMER_SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars)]
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    vocab += words[: max(0, vocab_size - len(vocab))]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.WordPiece()
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
@@ -93,8 +106,8 @@ def build_qformer_tokenizer(vocab_size: int):
     )
 
 
-def build_toy_instructblip(path: Path, spec: ToyInstructBlipSpec = ToyInstructBlipSpec()) -> Path:
-    """Write a tiny InstructBLIP checkpoint (model, both tokenizers, processor) to ``path``."""
+def toy_instructblip(spec: ToyInstructBlipSpec = ToyInstructBlipSpec()) -> tuple[Any, Any]:
+    """A random-init tiny InstructBLIP in eval mode and its processor, in memory."""
     import torch
     from transformers import (
         BlipImageProcessor,
@@ -125,6 +138,7 @@ def build_toy_instructblip(path: Path, spec: ToyInstructBlipSpec = ToyInstructBl
         intermediate_size=2 * spec.qformer_hidden,
         max_position_embeddings=128,
         pad_token_id=qformer_tokenizer.pad_token_id,
+        cross_attention_frequency=spec.qformer_cross_every,
     )
     text = LlamaConfig(
         **text_config_kwargs(tokenizer, spec.hidden, spec.intermediate, spec.layers, spec.heads, spec.kv_heads)
@@ -148,6 +162,12 @@ def build_toy_instructblip(path: Path, spec: ToyInstructBlipSpec = ToyInstructBl
         qformer_tokenizer=qformer_tokenizer,
         num_query_tokens=spec.query_tokens,
     )
+    return model, processor
+
+
+def build_toy_instructblip(path: Path, spec: ToyInstructBlipSpec = ToyInstructBlipSpec()) -> Path:
+    """Write a tiny random-init InstructBLIP checkpoint (model, both tokenizers, processor) to ``path``."""
+    model, processor = toy_instructblip(spec)
     path = Path(path)
     model.save_pretrained(path)
     processor.save_pretrained(path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from vislens.toys.norms import randomize_norms
 from vislens.toys.text import LLAVA_CHAT_TEMPLATE, build_toy_tokenizer, text_config_kwargs
@@ -45,8 +46,8 @@ class ToySpec:
         return (self.image_size // self.patch_size) ** 2
 
 
-def build_toy_model(path: Path, spec: ToySpec = ToySpec()) -> Path:
-    """Write a tiny LLaVA checkpoint (model, tokenizer, processor) to ``path``."""
+def toy_llava(spec: ToySpec = ToySpec()) -> tuple[Any, Any]:
+    """A random-init tiny LLaVA in eval mode and its processor, in memory."""
     import torch
     from transformers import (
         CLIPImageProcessor,
@@ -92,6 +93,12 @@ def build_toy_model(path: Path, spec: ToySpec = ToySpec()) -> Path:
         num_additional_image_tokens=1,
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
+    return model, processor
+
+
+def build_toy_model(path: Path, spec: ToySpec = ToySpec()) -> Path:
+    """Write a tiny random-init LLaVA checkpoint (model, tokenizer, processor) to ``path``."""
+    model, processor = toy_llava(spec)
     path = Path(path)
     model.save_pretrained(path)
     processor.save_pretrained(path)

@@ -3,9 +3,10 @@ chat template and the language model's config keywords."""
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
-from vislens.extract.datasets.synthetic import caption_corpus
+from vislens.toys.shapes import caption_corpus
 
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}"
@@ -19,15 +20,17 @@ LLAVA_CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
 
-def build_toy_tokenizer(vocab_size: int):
-    """Train a Llama-style BPE tokenizer on the synthetic captions and the study's prompts."""
+@cache
+def _trained_bpe(vocab_size: int) -> str:
+    """The trained BPE tokenizer as JSON (training is deterministic; cached per process)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     from vislens.extract.prompts import normal_prompts
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"), pre_tokenizers.Punctuation()]
+    )
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     corpus = caption_corpus() + [p.text for p in normal_prompts()] + ["USER: ASSISTANT:"]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
@@ -35,6 +38,20 @@ def build_toy_tokenizer(vocab_size: int):
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
     )
+    return tok.to_str()
+
+
+def build_toy_tokenizer(vocab_size: int):
+    """Train a Llama-style BPE tokenizer on shapes-world captions and the study's prompts.
+
+    ``▁`` word markers, punctuation split off, BOS prepended. The corpus is small: a
+    ``vocab_size`` beyond ~250 leaves the vocabulary smaller than asked. At 200, every caption
+    word is one token and most prompt words split into pieces (``▁depic``, ``te``, ``d``).
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_str(_trained_bpe(vocab_size))
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",

@@ -3,7 +3,8 @@
 Specs:
 
 - ``PATH`` : a vislens JSONL manifest (``{"id", "image", "captions"}`` lines).
-- ``synthetic`` or ``synthetic:N`` : the embedded shapes set (N images, default 32).
+- ``synthetic`` or ``synthetic:N`` : the first N held-out scenes of the toys' shapes world
+  (`vislens.toys.shapes`; default 32), written once into vislens's cache.
 - ``coco:PATH`` : MS-COCO captions, Karpathy split file ``dataset_coco.json``; needs ``images``
   (the folder holding ``train2014/`` and ``val2014/``) and uses ``split``.
 - ``winoground:PATH`` : a local Winoground copy: a folder holding ``examples.jsonl`` and
@@ -21,7 +22,6 @@ from vislens.errors import ConfigError, DataError
 from vislens.extract.datasets.coco import COCO_SPLITS, read_coco
 from vislens.extract.datasets.manifest import read_manifest
 from vislens.extract.datasets.records import DataSet, ImageRecord
-from vislens.extract.datasets.synthetic import make_synthetic
 from vislens.extract.datasets.winoground import read_winoground
 
 __all__ = [
@@ -29,7 +29,6 @@ __all__ = [
     "DataSet",
     "ImageRecord",
     "load_data",
-    "make_synthetic",
     "read_coco",
     "read_manifest",
     "read_winoground",
@@ -91,6 +90,7 @@ def load_data(
         )
     if spec == "synthetic" or spec.startswith("synthetic:"):
         from vislens.cache import default_cache_dir
+        from vislens.toys.shapes import SHAPES_VERSION, make_shapes
 
         n = SYNTHETIC_DEFAULT_N
         if ":" in spec:
@@ -99,7 +99,7 @@ def load_data(
             except ValueError:
                 raise DataError(f"bad spec {spec!r}: use synthetic:N with N an integer") from None
         root = Path(cache_dir) if cache_dir else default_cache_dir()
-        records = read_manifest(make_synthetic(root / f"synthetic-{n}", n))
+        records = read_manifest(make_shapes(root / f"shapes-v{SHAPES_VERSION}-test-{n}", n, split="test"))
         return DataSet("synthetic", tuple(_subsample(records, limit, seed)), seed=seed, source=spec)
     path = Path(spec)
     prefix = spec.split(":", 1)[0]
