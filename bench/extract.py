@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import Contention, Row, machine, parser, peak_memory, print_table, version, write_json  # noqa: E402
 
 from vislens.extract import ExtractConfig, extract  # noqa: E402
-from vislens.extract.datasets import make_synthetic  # noqa: E402
 from vislens.toys import ToySpec, build_toy_model  # noqa: E402
+from vislens.toys.shapes import make_shapes  # noqa: E402
 
 SPEC = ToySpec(layers=6, hidden=64, heads=4, kv_heads=2, image_size=96, patch_size=4, seed=0)  # 576 image tokens
 
@@ -102,7 +102,7 @@ def _rows_toy(n: int, repeats: int) -> tuple[list[Row], list[str]]:
     root = Path(tempfile.mkdtemp(prefix="vislens-bench-extract-"))
     try:
         model = build_toy_model(root / "model", SPEC)
-        manifest = make_synthetic(root / "data", n=n, seed=0)
+        manifest = make_shapes(root / "data", n=n, start=0)
         for line in manifest.read_text().splitlines():  # 96 px images: 24 x 24 = 576 patches
             import json
 

@@ -178,13 +178,13 @@ def extraction_rows(args) -> list[Row]:
     from pathlib import Path
 
     from vislens.extract import ExtractConfig, extract
-    from vislens.extract.datasets import make_synthetic
     from vislens.toys import toy_model_path
+    from vislens.toys.shapes import make_shapes
 
     root = Path(tempfile.mkdtemp(prefix="vislens-bench-lens-"))
     n = 8 if args.quick else 32
     try:
-        manifest = make_synthetic(root / "data", n=n, seed=0)
+        manifest = make_shapes(root / "data", n=n, start=0)
         model = str(toy_model_path())
         times: dict[str, list[float]] = {"without": [], "with --lens-topk 5": []}
         for r in range(1 if args.quick else 3):

@@ -136,8 +136,8 @@ def s3_requests(samples: int) -> dict[str, dict[str, float]]:
 
     from vislens.analyze import cosine
     from vislens.extract import ExtractConfig, extract
-    from vislens.extract.datasets import make_synthetic
     from vislens.toys import toy_model_path
+    from vislens.toys.shapes import make_shapes
 
     counts: collections.Counter = collections.Counter()
     call = s3fs.S3FileSystem._call_s3
@@ -159,7 +159,7 @@ def s3_requests(samples: int) -> dict[str, dict[str, float]]:
         options = {"key": "x", "secret": "x", "endpoint_url": endpoint, "client_kwargs": {"region_name": "us-east-1"}}
         totals: dict[tuple[str, int], collections.Counter] = {}
         with tempfile.TemporaryDirectory() as tmp:
-            data = make_synthetic(Path(tmp), n=samples, seed=0)
+            data = make_shapes(Path(tmp), n=samples, start=0)
             s3fs.S3FileSystem._call_s3 = counted
             try:
                 for n in (few, samples):

@@ -213,8 +213,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "K7",
         "vislens/kernels/mean_cosine/numba.py",
-        "return partial.sum(axis=1)",
-        "return partial[:, 0]",
+        "        for t in range(1, tasks):\n            sums[g] += partial[g, t]",
+        "        for t in range(1, 1):\n            sums[g] += partial[g, t]",
         "mean_cosine (numba): only the first task's rows summed",
         ("tests/kernels/test_block_edges.py", "tests/kernels/test_mean_cosine.py"),
     ),
@@ -238,7 +238,7 @@ MUTATIONS: list[Mutation] = [
     M(
         "S2",
         "vislens/store/writer.py",
-        'pad_value = 0 if name == "hidden" else fill',
+        "pad_value = 0 if value.dtype == np.float16 else fill",
         "pad_value = fill",
         "hidden states padded with NaN instead of 0",
         ("tests/extract/test_padding.py", "tests/store/test_format.py"),
@@ -262,8 +262,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "S5",
         "vislens/store/ablation.py",
-        "return [(int(s), int(p)) for s, p in np.argwhere(self.status() != schema.DONE)]",
-        "return [(int(s), int(p)) for s, p in np.argwhere(self.status() == schema.PENDING)]",
+        "np.argwhere((self.status() != schema.DONE) & mine[:, None])",
+        "np.argwhere((self.status() == schema.PENDING) & mine[:, None])",
         "ablation resume: skipped pairs never tried again",
         ("tests/ablate/test_crash.py", "tests/ablate/test_run.py"),
     ),

@@ -38,8 +38,9 @@ def instruction_positions(processor, prompt: str, input_ids, image_token_id: int
     """Positions of the instruction's tokens in one sample's input, found independently of vislens.
 
     By counting: the chat text is cut just before and just after the instruction, both prefixes
-    are tokenized, and the instruction is the tokens the second adds, shifted by the image
-    placeholder's expansion. A fully formatted LLaVA prompt (``USER: <image>\\n... ASSISTANT:``)
+    are tokenized, and the instruction is the tokens from the first one they disagree on (a token
+    that straddles the boundary, such as ``\nBriefly``, overlaps the instruction and counts) to
+    the end of the second, shifted by the image placeholder's expansion. A fully formatted LLaVA prompt (``USER: <image>\\n... ASSISTANT:``)
     has the words between the placeholder and ``ASSISTANT:`` as its instruction. Empty for the
     empty prompt.
     """
@@ -53,7 +54,8 @@ def instruction_positions(processor, prompt: str, input_ids, image_token_id: int
     upto = tok(full[: start + len(core)])["input_ids"]
     ids = np.asarray(input_ids).ravel()
     shift = int((ids == image_token_id).sum()) - before.count(image_token_id)
-    return np.arange(len(before), len(upto)) + shift
+    first = next((i for i, (a, b) in enumerate(zip(before, upto)) if a != b), len(before))
+    return np.arange(first, len(upto)) + shift
 
 
 def assert_instruction_roles(acts, s: int, tokenizer) -> None:

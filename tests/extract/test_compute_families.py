@@ -10,18 +10,18 @@ from vislens.analyze.cosine import cosine_per_sample
 from vislens.analyze.logit_lens import cached_topk
 from vislens.analyze.norm_attention import norm_attention_per_sample
 from vislens.extract import ExtractConfig, extract
-from vislens.extract.datasets import make_synthetic
 from vislens.store import open_store
 from vislens.toys import ToyInstructBlipSpec, build_toy_instructblip
 from vislens.toys.families import FAMILIES, build_toy_family
 from vislens.toys.more_families import FAMILIES as MORE_FAMILIES
+from vislens.toys.shapes import make_shapes
 
 FP16 = dict(rtol=0, atol=2e-3)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return make_synthetic(tmp_path_factory.mktemp("compute-families"), n=2, seed=11)
+    return make_shapes(tmp_path_factory.mktemp("compute-families"), n=2, start=11)
 
 
 def _model(family: str, root):

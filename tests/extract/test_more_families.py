@@ -34,11 +34,11 @@ from vislens.analyze.report import write_report
 from vislens.errors import ModelError
 from vislens.extract import ExtractConfig, extract
 from vislens.extract.adapters import adapter_class, llava_onevision, load_adapter, smolvlm
-from vislens.extract.datasets import make_synthetic
 from vislens.extract.prompts import Prompt
 from vislens.store import DONE, IMAGE, PADDING, TEXT, open_store
 from vislens.toys.families import build_toy_family
 from vislens.toys.more_families import FAMILIES
+from vislens.toys.shapes import make_shapes
 
 SIZES = [(64, 64), (96, 48), (40, 80), (48, 64)]  # (width, height)
 FP16 = dict(rtol=2e-3, atol=2e-3)
@@ -52,7 +52,7 @@ ABLATED = ("gemma3", "llava_onevision", "smolvlm")  # Mllama's image is not in t
 @pytest.fixture(scope="module")
 def sized_manifest(tmp_path_factory):
     """Four synthetic images resized to `SIZES`."""
-    manifest = make_synthetic(tmp_path_factory.mktemp("sized"), n=len(SIZES), seed=5)
+    manifest = make_shapes(tmp_path_factory.mktemp("sized"), n=len(SIZES), start=5)
     for line, size in zip(manifest.read_text().splitlines(), SIZES):
         path = manifest.parent / json.loads(line)["image"]
         Image.open(path).convert("RGB").resize(size).save(path)

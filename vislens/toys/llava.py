@@ -17,7 +17,7 @@ from typing import Any
 from vislens.toys.norms import randomize_norms
 from vislens.toys.text import LLAVA_CHAT_TEMPLATE, build_toy_tokenizer, text_config_kwargs
 
-TOY_VERSION = 2
+TOY_VERSION = 3
 """Bumped whenever what a builder writes changes, so that cached builds are not reused."""
 
 
