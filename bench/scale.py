@@ -197,6 +197,7 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--zarr-threads", action="store_true", help="workers keep zarr's default codec thread pool")
     args = p.parse_args()
     from distributed import Client, LocalCluster
 
@@ -246,7 +247,10 @@ def main() -> None:
                 processes=True,
                 dashboard_address=":0",
                 silence_logs=logging.ERROR,
-                env={"NUMBA_NUM_THREADS": "1"},  # one core per worker process, numba's kernels too
+                # one core per worker process: numba's kernels, and zarr's codec threads (by default
+                # zarr decodes a sample's 33 inner chunks on a thread pool, so that one worker alone
+                # already keeps more than one core busy); --zarr-threads keeps zarr's default
+                env={"NUMBA_NUM_THREADS": "1"} | ({} if args.zarr_threads else {"ZARR_THREADING__MAX_WORKERS": "1"}),
             )
             for n in (1, 2)
         }
@@ -311,6 +315,10 @@ def main() -> None:
         )
     notes.append(contention.note())
     notes.append(f"CPUs usable: {len(os.sched_getaffinity(0))}; the store is in the page cache after its first read")
+    notes.append(
+        "workers: one thread each, numba on one thread, zarr codecs "
+        + ("on its default thread pool" if args.zarr_threads else "on one thread (ZARR_THREADING__MAX_WORKERS=1)")
+    )
     for note in notes:
         print(note)
     print(f"wrote {write_json('scale', rows, notes, args.out)}")
