@@ -57,9 +57,10 @@ def add_toy(sub: argparse._SubParsersAction) -> None:
     t = toy_sub.add_parser(
         "train",
         help="train a toy VLLM from scratch on the shapes world (CPU, seeded)",
-        description="Train the toy LLaVA or InstructBLIP from scratch on the shapes world in three stages (text-only "
-        "decoder pretraining, projector alignment with the decoder frozen, joint tuning), fully seeded, on the CPU, "
-        "and save it with save_pretrained into --out. About 10 minutes per toy on 2 quiet CPU cores.",
+        description="Train the toy LLaVA or InstructBLIP from scratch on the shapes world in stages (text-only "
+        "decoder pretraining; the vision tower, and InstructBLIP's Q-Former, through probes that are thrown away; "
+        "projector alignment with the decoder frozen; joint tuning of projector and decoder), fully seeded, on the "
+        "CPU, and save it with save_pretrained into --out. 10-12 minutes per toy on one thread (docs/toy-model.md).",
         formatter_class=HelpFormatter,
     )
     t.add_argument("--family", default="llava", choices=TRAINED_FAMILIES, help="model family")
