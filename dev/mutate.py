@@ -398,6 +398,47 @@ MUTATIONS: list[Mutation] = [
         "caption loss read from the caption token's own position (off by one)",
         ("tests/ablate/test_engine.py",),
     ),
+    # the study's definitions (issue 11): each departure must fail a test
+    M(
+        "F1",
+        "vislens/analyze/logit_lens.py",
+        "norm=None if done else norm, backend=backend)[1]",
+        "norm=None, backend=backend)[1]",
+        "logit lens without the final norm on layers 0..L-1",
+        ("tests/analyze/test_logit_lens.py",),
+    ),
+    M(
+        "F2",
+        "vislens/extract/adapters/base.py",
+        "                own.append(schema.ROLE_BOS)",
+        "                own.append(schema.ROLE_INSTRUCTION)",
+        "BOS counted as an instruction token (cosine over BOS)",
+        ("tests/analyze/test_cosine.py",),
+    ),
+    M(
+        "F3",
+        "vislens/analyze/cosine.py",
+        "        return roles_or_modality == ROLE_INSTRUCTION",
+        "        return roles_or_modality >= ROLE_INSTRUCTION",
+        "instruction cosine over template and BOS tokens too",
+        ("tests/analyze/test_cosine.py",),
+    ),
+    M(
+        "F4",
+        "vislens/analyze/words.py",
+        "    tokens_with_word = has_word.any(-1).sum(-1)",
+        "    tokens_with_word = np.full(ids.shape[0], ids.shape[1])",
+        "token precision over every image token, not those that decoded to a word",
+        ("tests/analyze/test_words.py",),
+    ),
+    M(
+        "F5",
+        "vislens/analyze/words.py",
+        "        out[layer, 0] = hits / distinct.size if distinct.size else 0.0",
+        "        out[layer, 0] = hits / max(1, has_word[layer].any(-1).sum())",
+        "precision over image tokens, not over distinct decoded words",
+        ("tests/analyze/test_words.py",),
+    ),
 ]
 
 
