@@ -40,12 +40,27 @@ def quiet_dask(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+def local_worker_env(workers: int) -> dict[str, str]:
+    """Environment of local worker processes: zarr decodes on each worker's share of the cores.
+
+    By default zarr decodes a sample's inner chunks on a thread pool as large as the machine, so
+    that N single-threaded workers on N cores would fight over them (2 workers ran cosine 1.46x
+    one worker here, 1.73x with one codec thread each: docs/scaling.md). A value the user set
+    (``ZARR_THREADING__MAX_WORKERS``) is kept.
+    """
+    if "ZARR_THREADING__MAX_WORKERS" in os.environ:
+        return {}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {"ZARR_THREADING__MAX_WORKERS": str(max(1, cores // max(1, workers)))}
+
+
 @contextmanager
 def cluster(
     scheduler: str | None = None, workers: int = 0, *, verbose: bool = False, timeout_s: float = 30.0
 ) -> Iterator[Any]:
     """A `distributed.Client` on ``scheduler`` (an address such as ``tcp://host:8786``), or on a
-    new local cluster of ``workers`` single-threaded processes; None (Dask's threads) when neither.
+    new local cluster of ``workers`` single-threaded processes (`local_worker_env`); None (Dask's
+    threads) when neither.
 
     The client is the default scheduler inside the block and is closed after it (a cluster
     started here is shut down; an existing one is left running).
@@ -79,6 +94,7 @@ def cluster(
             processes=True,
             dashboard_address=":0",
             silence_logs=logging.INFO if verbose else logging.ERROR,
+            env=local_worker_env(workers),
         )
         client = Client(local)
     try:

@@ -256,3 +256,18 @@ def test_a_cluster_that_cannot_do_the_work_is_named_before_any_work(cluster, tmp
     with pytest.raises(ClusterError, match="worker tcp://.* cannot read .*only-here.zarr.*every worker mounts"):
         check_workers(cluster, [missing])
     assert len(check_workers(cluster)) == 2
+
+
+def test_local_workers_decode_on_their_share_of_the_cores(monkeypatch):
+    """--workers N: each worker's zarr codec pool gets cores // N threads (what bench/scale.py measured)."""
+    from vislens.cluster import cluster as connect
+    from vislens.cluster import local_worker_env
+
+    monkeypatch.delenv("ZARR_THREADING__MAX_WORKERS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert local_worker_env(2) == {"ZARR_THREADING__MAX_WORKERS": str(max(1, cores // 2))}
+    with connect(workers=2) as client:
+        threads = client.run(lambda: zarr.config.get("threading.max_workers"))
+    assert sorted(threads.values()) == [max(1, cores // 2)] * 2
+    monkeypatch.setenv("ZARR_THREADING__MAX_WORKERS", "3")
+    assert local_worker_env(2) == {}  # the user's choice is kept
