@@ -81,9 +81,33 @@ def decoder_of(model):
     """The language decoder (``layers``, ``norm``) at the path transformers 5.x gives it."""
     if model.config.model_type == "instructblip":
         return model.language_model.model
-    if model.config.model_type == "idefics3":
+    if model.config.model_type in ("idefics3", "smolvlm"):
         return model.model.text_model
     return model.model.language_model
+
+
+def image_of(model, inputs) -> np.ndarray:
+    """(token,) bool: the image tokens of a batch of one, by the model's own image token id."""
+    return (inputs["input_ids"][0] == model.config.image_token_id).numpy()
+
+
+def assert_lens_top1_equals_lm_head(tree, model, own) -> None:
+    """The store's logit-lens top-1 ids against the model's own ``lm_head(norm(h))`` per sample
+    (``own``: (inputs, hidden states) per stored sample); text tokens must not be decoded."""
+    from vislens.analyze.logit_lens import logit_lens_topk
+
+    top = logit_lens_topk(tree, k=1).compute()
+    acts = tree["activations"].to_dataset()
+    norm, head = decoder_of(model).norm, model.get_output_embeddings()
+    compared = total = 0
+    for s, (inputs, hidden) in enumerate(own):
+        image = image_of(model, inputs)
+        assert (top[s].values[:, : image.size][:, ~image] == -1).all()  # text tokens are not decoded
+        ours = torch.from_numpy(top[s].values[:, : image.size][:, image, 0].astype(np.int64))
+        stored = torch.from_numpy(acts.hidden[s].values[:, : image.size][:, image].astype(np.float32))
+        done = assert_top1_matches(ours, stored, torch.from_numpy(hidden[:, image]), norm, head)
+        compared, total = compared + done[0], total + done[1]
+    assert compared / total > 0.5
 
 
 def lm_outputs(outputs):

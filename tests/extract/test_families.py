@@ -25,16 +25,15 @@ from tests.analyze.test_cosine import brute_force as cosine_brute_force
 from tests.analyze.test_norm_attention import brute_force as norm_attention_brute_force
 from tests.helpers import (
     assert_instruction_roles,
-    assert_top1_matches,
-    decoder_of,
+    assert_lens_top1_equals_lm_head,
     extract_stores,
     hidden_of,
+    image_of,
     lm_outputs,
     run_reference,
 )
 from vislens.ablate import AblateConfig, ablate, naive_losses, shared_prefix_losses
 from vislens.analyze import cosine_per_sample
-from vislens.analyze.logit_lens import logit_lens_topk
 from vislens.analyze.norm_attention import norm_attention_per_sample
 from vislens.analyze.report import write_report
 from vislens.errors import ModelError
@@ -107,10 +106,6 @@ def own(stores, refs, sized_manifest):
     return out
 
 
-def _image(inputs, model) -> np.ndarray:
-    return (inputs["input_ids"][0] == model.config.image_token_id).numpy()
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_hidden_states_and_image_positions_equal_the_models_own(stores, refs, own, family, batch_size):
@@ -125,7 +120,7 @@ def test_hidden_states_and_image_positions_equal_the_models_own(stores, refs, ow
         assert int(acts.n_tokens[s]) == n
         np.testing.assert_allclose(acts.hidden[s, :, :n].values.astype(np.float32), ref, **FP16)
         np.testing.assert_array_equal(acts.token_id[s, :n].values, inputs["input_ids"][0].numpy())
-        image = _image(inputs, model)  # the processor's placeholders
+        image = image_of(model, inputs)  # the processor's placeholders
         np.testing.assert_array_equal(acts.modality[s, :n].values, np.where(image, IMAGE, TEXT))
         assert (acts.modality[s, n:].values == PADDING).all() and (acts.token_id[s, n:].values == -1).all()
         counts.append(int(image.sum()))
@@ -181,20 +176,7 @@ def test_a_wrong_placeholder_count_is_an_error(models, sized_manifest, family, t
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logit_lens_top1_equals_the_models_own_lm_head(stores, refs, own, family):
-    tree = open_store(stores[family, 4])
-    top = logit_lens_topk(tree, k=1).compute()
-    acts = tree["activations"].to_dataset()
-    model = refs[family][0]
-    norm, head = decoder_of(model).norm, model.get_output_embeddings()
-    compared = total = 0
-    for s, (inputs, hidden) in enumerate(own[family]):
-        image = _image(inputs, model)
-        assert (top[s].values[:, : image.size][:, ~image] == -1).all()  # text tokens are not decoded
-        ours = torch.from_numpy(top[s].values[:, : image.size][:, image, 0].astype(np.int64))
-        stored = torch.from_numpy(acts.hidden[s].values[:, : image.size][:, image].astype(np.float32))
-        done = assert_top1_matches(ours, stored, torch.from_numpy(hidden[:, image]), norm, head)
-        compared, total = compared + done[0], total + done[1]
-    assert compared / total > 0.5
+    assert_lens_top1_equals_lm_head(open_store(stores[family, 4]), refs[family][0], own[family])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -204,7 +186,7 @@ def test_cosine_equals_brute_force(stores, refs, own, family):
     acts = tree["activations"].to_dataset()
     for s, (inputs, hidden) in enumerate(own[family]):
         assert_instruction_roles(acts, s, refs[family][1].tokenizer)
-        image = _image(inputs, refs[family][0])
+        image = image_of(refs[family][0], inputs)
         for layer, h in enumerate(hidden):
             expected = [
                 cosine_brute_force(h[image], h[~image]),
@@ -224,7 +206,7 @@ def test_norm_attention_equals_brute_force(stores, refs, own, family):
         na = norm_attention_brute_force(model, inputs)  # (layer, query, key)
         n = na.shape[1]
         np.testing.assert_allclose(per["last_query"][s, :, :n].values, na[:, n - 1, :], rtol=5e-3, atol=1e-5)
-        image = _image(inputs, model)
+        image = image_of(model, inputs)
         text_q = np.flatnonzero(~image)
         shares = na[:, text_q][:, :, image].sum(-1) / na[:, text_q].sum(-1)
         np.testing.assert_allclose(per["image_share"][s].values, shares.mean(-1), rtol=5e-3)

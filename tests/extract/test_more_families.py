@@ -25,10 +25,16 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from tests.ablate.conftest import LOSS_TOL, SHORT, pairs_of
 from tests.ablate.test_engine import _run
 from tests.analyze.test_cosine import brute_force as cosine_brute_force
-from tests.helpers import assert_instruction_roles, assert_top1_matches, extract_stores, hidden_of
+from tests.helpers import (
+    assert_instruction_roles,
+    assert_lens_top1_equals_lm_head,
+    decoder_of,
+    extract_stores,
+    hidden_of,
+    image_of,
+)
 from vislens.ablate import AblateConfig, ablate, naive_losses, shared_prefix_losses
 from vislens.analyze import cosine_per_sample, norm_attention
-from vislens.analyze.logit_lens import logit_lens_topk
 from vislens.analyze.norm_attention import norm_attention_per_sample
 from vislens.analyze.report import write_report
 from vislens.errors import ModelError
@@ -96,16 +102,6 @@ def reference_inputs(family: str, processor, image: Image.Image, prompt: str) ->
     )
 
 
-def image_of(model, inputs) -> np.ndarray:
-    """(token,) bool: the image tokens of a batch of one, by the model's own image token id."""
-    return (inputs["input_ids"][0] == model.config.image_token_id).numpy()
-
-
-def decoder(model):
-    """The language decoder at the path transformers 5.x gives it."""
-    return model.model.text_model if model.config.model_type == "smolvlm" else model.model.language_model
-
-
 @pytest.fixture(scope="module")
 def stores(models, sized_manifest, tmp_path_factory):
     """Per (family, batch size): 4 images x (normal, noisy, empty); batch 4 also captures text-query attention."""
@@ -162,7 +158,7 @@ def test_gemma3_reads_its_norm_embedding_scale_and_bidirectional_image_block(mod
     adapter = load_adapter(str(models["gemma3"])).adapter
     model, _ = refs["gemma3"]
     spec = adapter.norm_spec()
-    norm = decoder(model).norm
+    norm = decoder_of(model).norm
     assert spec.kind == "rms_offset" and not np.allclose(spec.weight, 0)  # random, non-unit (1 + w)
     x = torch.randn(5, model.config.text_config.hidden_size)
     from vislens.analyze.logit_lens import apply_norm
@@ -174,7 +170,7 @@ def test_gemma3_reads_its_norm_embedding_scale_and_bidirectional_image_block(mod
     text = ~torch.from_numpy(image_of(model, inputs))
     scale = model.config.text_config.hidden_size**0.5  # hidden state 0 carries the embedding scale
     torch.testing.assert_close(
-        torch.from_numpy(hidden[0][text.numpy()]), decoder(model).embed_tokens.weight[ids[text]] * scale
+        torch.from_numpy(hidden[0][text.numpy()]), decoder_of(model).embed_tokens.weight[ids[text]] * scale
     )
     # the image block is bidirectional: changing the last image token changes the first one's next state
     assert adapter.image_attention_bidirectional
@@ -258,20 +254,7 @@ def test_gemma3_refuses_pan_and_scan(models):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logit_lens_top1_equals_the_models_own_lm_head(stores, refs, own, family):
-    tree = open_store(stores[family, 4])
-    top = logit_lens_topk(tree, k=1).compute()
-    acts = tree["activations"].to_dataset()
-    model = refs[family][0]
-    norm, head = decoder(model).norm, model.get_output_embeddings()
-    compared = total = 0
-    for s, (inputs, hidden) in enumerate(own[family]):
-        image = image_of(model, inputs)
-        assert (top[s].values[:, : image.size][:, ~image] == -1).all()  # text tokens are not decoded
-        ours = torch.from_numpy(top[s].values[:, : image.size][:, image, 0].astype(np.int64))
-        stored = torch.from_numpy(acts.hidden[s].values[:, : image.size][:, image].astype(np.float32))
-        done = assert_top1_matches(ours, stored, torch.from_numpy(hidden[:, image]), norm, head)
-        compared, total = compared + done[0], total + done[1]
-    assert compared / total > 0.5
+    assert_lens_top1_equals_lm_head(open_store(stores[family, 4]), refs[family][0], own[family])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -297,7 +280,7 @@ def norm_attention_brute_force(model, inputs) -> np.ndarray:
     """Per decoder layer: NA(q, j) = |sum_h alpha^h_qj f_h(x_j)| for all q, j, materialised literally from
     the model's own attention weights, v_proj outputs and o_proj; the moved vectors summed over j must
     equal the model's own attention output (o_proj's output). NaN for cross-attention layers."""
-    layers = decoder(model).layers
+    layers = decoder_of(model).layers
     cfg = model.config.text_config
     cross = set(getattr(cfg, "cross_attention_layers", None) or [])
     values, outputs = {}, {}

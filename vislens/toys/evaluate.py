@@ -2,9 +2,10 @@
 
 - `caption_f1`: greedy captions of held-out shapes-world scenes against their references
   (word F1, best reference per image, averaged over images).
-- `lens_scores`: the logit lens on image tokens with the per-token rule (each image token's
-  top-1 id decoded on its own, never joined with its neighbours): precision, token precision
-  and recall per layer, averaged over images.
+- `lens_scores`: the logit lens on image tokens, top-1 ids taken from the model's own layers,
+  scored by vislens's definition (`vislens.analyze.words.scores`: each image token's id decoded
+  on its own, never joined with its neighbours): precision, token precision and recall per
+  layer, averaged over images.
 
 Words follow `vislens.analyze.words.words`: lowercase, maximal runs of letters and digits,
 NLTK English stop words dropped; special tokens decode to no word. The training loop, the
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vislens.analyze.words import reference_words, words
+from vislens.analyze.words import Vocabulary, reference_words, scores, words
 from vislens.toys.shapes import captions, render, scene
 
 EVAL_PROMPT = "Briefly describe the content of the image:"
@@ -107,26 +108,6 @@ class LensScores:
         return int(np.argmax(self.recall))
 
 
-def token_words(ids: np.ndarray, tokenizer: Any) -> list[str | None]:
-    """The one word each token id decodes to on its own (None: special, punctuation or a stop word)."""
-    special = set(tokenizer.all_special_ids)
-    out: list[str | None] = []
-    for i in ids.tolist():
-        found = [] if i in special else words(tokenizer.decode([i]))
-        out.append(found[0] if len(found) == 1 else None)
-    return out
-
-
-def score_tokens(per_token: list[str | None], reference: set[str]) -> tuple[float, float, float]:
-    """(precision, token_precision, recall) of one image's per-token words against its reference words."""
-    decoded = [w for w in per_token if w is not None]
-    distinct = set(decoded)
-    hits = distinct & reference
-    precision = len(hits) / len(distinct) if distinct else 0.0
-    token_precision = sum(w in reference for w in decoded) / len(decoded) if decoded else 0.0
-    return precision, token_precision, len(hits) / len(reference)
-
-
 @torch.no_grad()
 def lens_top1(model: torch.nn.Module, processor: Any, images: list[Any], *, prompt: str = EVAL_PROMPT) -> np.ndarray:
     """(image, layer, image token) int64 top-1 ids of ``lm_head(norm(h))`` (layer L: ``lm_head(h)``)."""
@@ -151,11 +132,7 @@ def lens_scores(
     """Logit-lens scores per layer on ``n`` held-out scenes, per-token rule (see the module docstring)."""
     images, refs = held_out(n, start)
     top = lens_top1(model, processor, images, prompt=prompt)
-    tokenizer = _adapter(model, processor).tokenizer
-    scores = np.zeros((n, top.shape[1], 3))
-    for i in range(n):
-        reference = reference_words(refs[i])
-        for layer in range(top.shape[1]):
-            scores[i, layer] = score_tokens(token_words(top[i, layer], tokenizer), reference)
-    mean = scores.mean(0)
+    vocabulary = Vocabulary.build(*_adapter(model, processor).vocabulary())
+    per_image = np.stack([scores(top[i][..., None], vocabulary, reference_words(refs[i])) for i in range(n)])
+    mean = per_image.mean(0)
     return LensScores(mean[:, 0], mean[:, 1], mean[:, 2])

@@ -126,42 +126,19 @@ class TrainReport:
 
 def trained_spec(family: str, seed: int = 0) -> Any:
     """The architecture of the shipped trained toy of ``family`` (``llava`` or ``instructblip``)."""
+    common = dict(
+        layers=6, hidden=128, heads=4, kv_heads=2, intermediate=384, vocab=200, image_size=48, patch_size=8,
+        vision_hidden=64, vision_layers=3, seed=seed,
+    )  # fmt: skip
     if family == "llava":
         from vislens.toys.llava import ToySpec
 
-        return ToySpec(
-            layers=6,
-            hidden=128,
-            heads=4,
-            kv_heads=2,
-            intermediate=384,
-            vocab=200,
-            image_size=48,
-            patch_size=8,
-            vision_hidden=64,
-            vision_layers=3,
-            seed=seed,
-        )
+        return ToySpec(**common)
     if family == "instructblip":
         from vislens.toys.instructblip import ToyInstructBlipSpec
 
         return ToyInstructBlipSpec(
-            layers=6,
-            hidden=128,
-            heads=4,
-            kv_heads=2,
-            intermediate=384,
-            vocab=200,
-            image_size=48,
-            patch_size=8,
-            vision_hidden=64,
-            vision_layers=3,
-            qformer_hidden=64,
-            qformer_layers=2,
-            qformer_vocab=256,
-            query_tokens=12,
-            qformer_cross_every=1,
-            seed=seed,
+            **common, qformer_hidden=64, qformer_layers=2, qformer_vocab=256, query_tokens=12, qformer_cross_every=1
         )
     raise ConfigError(f"no trained toy of family {family!r}; choose llava or instructblip")
 
@@ -335,7 +312,7 @@ def vision_features(model: torch.nn.Module, family: str, pixel_values: torch.Ten
     return model.vision_model(pixel_values=pixel_values).last_hidden_state[:, 1:]
 
 
-def cell_head(model: torch.nn.Module, family: str, loss: str = "cells") -> torch.nn.Linear:
+def cell_head(model: torch.nn.Module, loss: str = "cells") -> torch.nn.Linear:
     """The linear probe of a cells stage: per grid cell, colour and kind logits (each with an 'empty' class).
 
     It reads the vision tower's patches (``cells``) or the Q-Former's query outputs (``query-cells``).
@@ -390,12 +367,9 @@ def _loss(model: torch.nn.Module, family: str, batch: dict[str, torch.Tensor], i
     """Mean next-token cross-entropy over labelled positions."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if images:
-        logits = model(**inputs, use_cache=False).logits
-    elif family == "llava":
-        logits = model(**inputs, use_cache=False).logits
-    else:
-        logits = model.language_model(**inputs, use_cache=False).logits
+    # text only: LLaVA runs without pixels; InstructBLIP's decoder is called on its own
+    lm = model if images or family == "llava" else model.language_model
+    logits = lm(**inputs, use_cache=False).logits
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
     )
@@ -463,7 +437,7 @@ def train_toy(out: str | Path | None, config: TrainConfig = TrainConfig()) -> tu
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable)
         probe = stage.loss in ("cells", "cells-where", "query-cells")
-        head = cell_head(model, config.family, stage.loss) if probe else None  # discarded after the stage
+        head = cell_head(model, stage.loss) if probe else None  # discarded after the stage
         if head is not None:
             params += list(head.parameters())
         opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
