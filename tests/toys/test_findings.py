@@ -85,3 +85,24 @@ def test_shipped_weights_are_small_and_load_like_any_checkpoint(toy):
     pieces = processor.tokenizer.tokenize("Briefly describe the content of the image")
     assert len(pieces) > 7  # some words split into pieces
     assert np.isfinite(sum(p.detach().sum().item() for p in model.parameters()))
+
+
+def test_the_direct_lens_equals_vislens_on_a_store_of_the_same_scenes(toy, tmp_path):
+    """`lens_scores` (on the model, fp32) and `vislens analyze logit-lens` (on the stored fp16
+    states) give the same per-layer scores for the same held-out scenes and prompt."""
+    from vislens.analyze import logit_lens
+    from vislens.extract import ExtractConfig, extract
+    from vislens.store import open_store
+    from vislens.toys.evaluate import EVAL_PROMPT
+
+    family, model, processor = toy
+    n = 8
+    data = make_shapes(tmp_path / "data", n, split="test", start=0)
+    out = tmp_path / "s.zarr"
+    extract(ExtractConfig(model=str(trained_toy_path(family)), data=str(data), out=str(out), prompt=EVAL_PROMPT,
+                          device="cpu", progress=False))  # fmt: skip
+    table = logit_lens(open_store(str(out)))
+    direct = lens_scores(model, processor, n)
+    for name in ("recall", "precision", "token_precision"):
+        stored = table[name].squeeze(drop=True).values
+        np.testing.assert_allclose(stored, getattr(direct, name), atol=0.02, err_msg=name)  # fp16 vs fp32 ties
