@@ -68,3 +68,7 @@ class ClusterError(VislensError, RuntimeError):
 
 class StoreLockedError(VislensError, RuntimeError):
     """Another live writer holds samples of the same store (two runs started on it by mistake)."""
+
+
+class KernelCheckError(VislensError, RuntimeError):
+    """A kernel's result failed its own correctness check on every path it could take."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pickle
 from fractions import Fraction
@@ -13,7 +14,7 @@ import torch
 from vislens.errors import BackendUnavailableError
 from vislens.kernels import LensNorm, lens_topk, prepare_unembedding
 from vislens.kernels.lens_topk import numba as cpu
-from vislens.kernels.lens_topk import reference
+from vislens.kernels.lens_topk import reference, screen
 from vislens.kernels.lens_topk import triton as gpu
 
 # Backends other than numba sum fp32 logits in their own order: values match the correctly
@@ -180,20 +181,111 @@ def test_reference_is_correctly_rounded():
     assert got[1, 19] == 1.0 + 2.0**-23 and got[0, 10] == 2.0**-30
 
 
+def _prepared(weight: torch.Tensor, path: str) -> cpu.Prepared:
+    """The unembedding prepared for one screen path; a path this CPU cannot run exactly is skipped
+    with the probe's reason (which names the CPU and its missing features)."""
+    try:
+        return cpu.prepare(weight, gemm=path)
+    except BackendUnavailableError as err:
+        pytest.skip(str(err))
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a path that passes its probe must be right
+@pytest.mark.parametrize("path", screen.PATHS)
 @pytest.mark.parametrize("k", [1, 3, 10])
-def test_cpu_certificate_on_adversarial_rows(k):
+def test_cpu_certificate_on_adversarial_rows(k, path):
     """Exact ids and values where the int8 screen cannot separate the logits, where fp32
-    summation cancels, and at exact fp32 midpoints; small capacities force the fp32 fallback."""
+    summation cancels, and at exact fp32 midpoints, on every screen path this CPU offers (forced
+    by name, with no safety net to hide behind: a warning fails the test); small capacities
+    force the fp32 fallback."""
     x, w = _adversarial()
     want_values, want_ids = reference.lens_topk(x, w, k)
-    prepared = cpu.prepare(w)
+    prepared = _prepared(w, path)
+    assert prepared.gemm == path and prepared.probes[path] == "passed"
     for cap in (cpu.CAP, k):
         values, ids, stats = cpu.topk(x, prepared, k, cap=cap)
         assert torch.equal(ids, want_ids) and torch.equal(values, want_values)
+        assert stats.redone == 0
     assert stats.fallback[2]  # cap k: the near-tie row screens again in fp32
     assert want_ids[0, :3].tolist() == [10, 11, 0][:k]  # 2^-30 > 2^-31 > 0 = the rest, by id
     assert want_ids[1, :5].tolist() == [23, 19, 22, 20, 21][:k]
     assert stats.exact_sums > 0  # the midpoint of id 19 at least went through math.fsum
+
+
+def test_cpu_auto_path_passed_its_probe():
+    """ "auto" screens with the first int8 path whose probe passed on this CPU (or with fp32), and
+    says why it passed over the others."""
+    _, w = _adversarial()
+    prepared = cpu.prepare(w)
+    assert prepared.probes[prepared.gemm] == "passed"
+    tried = list(prepared.probes)
+    assert tried == list(screen.AUTO_ORDER[: len(tried)]) or tried[-1] == "fp32"
+    for name in tried[:-1]:
+        assert "wrong products" in prepared.probes[name] or "failed" in prepared.probes[name]
+
+
+def _faulty(weight: torch.Tensor) -> cpu.Prepared:
+    """An int8 path whose GEMM gives wrong products, by construction on any CPU: its packed matrix
+    is not the one its sentinel rows were checked against (one vocabulary row negated)."""
+    prepared = cpu.prepare(weight)
+    if prepared.gemm == "fp32":
+        pytest.skip(f"no int8 GEMM path runs exactly on this CPU: {prepared.probes}")
+    signs, block = cpu.rotation(weight.shape[1])
+    codes = torch.empty(weight.shape, dtype=torch.int8)
+    scratch = [np.empty(weight.shape[0]) for _ in range(5)]
+    cpu._quantize(weight.contiguous().numpy(), signs, block, codes.numpy(), 127, *scratch)
+    wrong = codes.clone()
+    wrong[2] = -wrong[2]
+    return dataclasses.replace(prepared, packed=screen.pack(prepared.path, wrong))
+
+
+def test_cpu_a_wrong_int8_gemm_is_caught_and_its_rows_redone():
+    """A GEMM that returns wrong products (as oneDNN's u8 x s8 op does on AVX2-only CPUs) is
+    caught by the sentinel rows of the very call: the block is redone on the fp32 screen, the
+    answer is still exact, and one warning names the CPU and the path."""
+    hidden, weight = _inputs(30, 64, 700, torch.float32, seed=13)
+    bad = _faulty(weight)
+    want = reference.lens_topk(hidden, weight, 4)
+    cpu._FAULTY.discard(bad.gemm)
+    try:
+        with pytest.warns(RuntimeWarning, match=rf"path '{bad.gemm}': .*sentinel row .*redone on the fp32") as caught:
+            values, ids, stats = cpu.topk(hidden, bad, 4)
+        assert torch.equal(ids, want[1]) and torch.equal(values, want[0])
+        assert stats.redone == 30 and stats.fallback.all()
+        assert screen.cpu_name() in str(caught[0].message)
+    finally:
+        cpu._FAULTY.discard(bad.gemm)
+
+
+def test_cpu_a_row_that_fails_its_certificate_is_redone():
+    """A screen whose bound is wrong (its scales halved: the products shrink towards 0 and the top
+    ids drop below the cut) leaves rows with fewer than k certified ids, the failure that once
+    returned uninitialised memory: those rows are redone on the fp32 screen, with a warning."""
+    hidden, weight = _inputs(20, 48, 600, torch.float32, seed=14)
+    prepared = cpu.prepare(weight)
+    if prepared.gemm == "fp32":
+        pytest.skip(f"no int8 GEMM path runs exactly on this CPU: {prepared.probes}")
+    bad = dataclasses.replace(prepared, sw=prepared.sw / 2, p=prepared.p * 0)
+    want = reference.lens_topk(hidden, weight, 3)
+    with pytest.warns(RuntimeWarning, match="failed their certificate"):
+        values, ids, stats = cpu.topk(hidden, bad, 3)
+    assert torch.equal(ids, want[1]) and torch.equal(values, want[0])
+    assert stats.redone > 0 and (ids >= 0).all() and (ids < 600).all()
+
+
+def test_cpu_checks_catch_garbage_rows():
+    """`_failing` flags ids outside the vocabulary, values that are not the exact re-scoring of
+    their ids, and rows out of the tie rule's order; right rows pass."""
+    hidden, weight = _inputs(5, 32, 90, torch.float32, seed=15)
+    values, ids = reference.lens_topk(hidden, weight, 3)
+    prepared = cpu.prepare(weight, gemm="fp32")
+    ids, values = ids.numpy().copy(), values.numpy().copy()
+    assert not cpu._failing(hidden, prepared, ids, values).any()
+    ids[0, 1] = 2361836109651742017  # as seen on an AMD EPYC: uninitialised memory
+    ids[1, 0] = -9223372036854775808
+    values[2, 0] = 1.49e9
+    ids[3, [0, 1]] = ids[3, [1, 0]]  # order broken
+    assert cpu._failing(hidden, prepared, ids, values).tolist() == [True, True, True, True, False]
 
 
 def test_cpu_flat_and_zero_rows():
@@ -232,15 +324,16 @@ def test_cpu_screen_survives_outlier_dims():
     assert not stats.fallback.any() and stats.candidates.mean() < 15  # unrotated: 22 (k = 5)
 
 
-def test_cpu_int8_gemm_paths_agree():
-    """oneDNN's u8 x s8 GEMM (fp32 out) and torch._int_mm give the same exact answer."""
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("path", screen.PATHS)
+def test_cpu_every_screen_path_gives_the_reference(path):
+    """Every screen path this CPU runs exactly (forced by name) gives the reference's answer."""
     hidden, weight = _inputs(25, 80, 900, torch.float16, seed=8)
-    onednn, int_mm = cpu.prepare(weight), cpu.prepare(weight, gemm="int_mm")
-    assert onednn.gemm == "onednn" and int_mm.gemm == "int_mm"
+    prepared = _prepared(weight, path)
     want = reference.lens_topk(hidden, weight, 5)
-    for prepared in (onednn, int_mm):
-        values, ids, _ = cpu.topk(hidden.float(), prepared, 5)
-        assert torch.equal(ids, want[1]) and torch.equal(values, want[0])
+    values, ids, stats = cpu.topk(hidden.float(), prepared, 5)
+    assert torch.equal(ids, want[1]) and torch.equal(values, want[0])
+    assert stats.redone == 0 and (path == "fp32") == bool(stats.fallback.all())
 
 
 def test_prepared_unembedding_is_reused(backend, device):

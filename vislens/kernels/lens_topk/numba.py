@@ -2,76 +2,43 @@
 re-scoring of only the candidates the bound cannot rule out.
 
 Ids and values equal the reference's (reference.py: v_ij = RN32(z_ij), z_ij = x_i . w_j
-exactly; larger value first, then smaller id), whatever the data. Proof:
+exactly; larger value first, then smaller id), whatever the data and whatever the CPU. The proof
+is in certificate.py, beside the kernels of its steps; which int8 GEMM screens, and how each call
+checks it, is screen.py's. This module prepares the unembedding once, runs the steps block by
+block, and checks every row's answer before returning it:
 
-Rotation. The screen works on x' = H D x and w' = H D w (D: fixed random signs; H: the
-Hadamard transform on blocks of up to 256 dims, scaled by a power of two to be orthogonal), so
-that x' . w' = x . w, while a few large channels (as LLaMA-family hidden states have) are spread
-over a block instead of setting the int8 scale of the whole row. x' and w' are computed in fp32:
-each of the log2(block) <= 8 butterfly stages rounds once per element, so |x'_c - x'| <=
-8 2^-24 |x| (likewise for w), and |x . w - x'_c . w'_c| <= 2^-18 |x| |w|, added to E below.
-
-Screen. Per row, x'_i = sx_i qx_i + ex_i with qx_i int8 (sx_i = max|x'_i| / 127); per vocabulary
-row, w'_j = sw_j qw_j + ew_j (prepared once). Then exactly
-    x'_i . w'_j = sx_i sw_j (qx_i . qw_j) + sx_i (qx_i . ew_j) + ex_i . w'_j,
-and by Cauchy-Schwarz the last two terms are at most sx_i |qx_i| |ew_j| + |ex_i| |w_j|, so
-    |z_ij - s_ij| <= E_ij = sx_i |qx_i| |ew_j| + (|ex_i| + 2^-18 |x_i|) |w_j|
-for s_ij = sx_i sw_j (qx_i . qw_j). qx_i . qw_j is an integer (an int8 GEMM: VNNI); the norms
-come once per row and per vocabulary row, in fp64 from the residuals. (oneDNN returns the
-integer as fp32, off by at most rho_j = 2^-22 * 383 * |qw_j|_1: three fp32 roundings of sums of
-magnitude at most 383 |qw_j|_1 (u8 codes up to 255, zero point 128); as a nonzero row has an
-entry +-127, sx_i sw_j rho_j <= sx_i |qx_i| sw_j rho_j / 127, which is added to |ew_j|.) The
-scans evaluate s_ij + E_ij in fp32 from terms rounded up (inflated by 2^-20), and inflate the
-result by 2^-18 of each part, beyond the few fp32 roundings of the evaluation; fp64 bounds are
-inflated by 2^-20 of themselves and 2^-50 of the value they bound (their rounding: d 2^-53).
-
-fp32 intervals. An fp32 dot product of d terms, summed in any order with or without FMA, is
-within gamma32_(d+1) sum_t |a_t b_t| <= gamma32_(d+1) |a| |b| of the exact one (Higham, Accuracy
-and Stability of Numerical Algorithms, eq. 3.5; gamma_n = n u / (1 - n u), u = 2^-24). Step (3)
-reads x_i rounded to fp16 (half the bytes), |x_i - x16_i| = dx_i computed exactly, so
-|z_ij - fl(x16_i . w_j)| <= dx_i |w_j| + gamma32_(d+1) (|x_i| + dx_i) |w_j|: an interval
-[lo_ij, hi_ij] around z_ij.
-
-Certificate, per row (lemma: if k ids have values >= T, any id with z < pred32(T) has v < T
-and cannot be in the top k, whatever the ties, as RN32 is monotone).
-(1) Take the k ids with the largest s_ij, and T = the smallest RN32(lo) among them: k ids have
-    v >= T. Let m = T - 2^(e-24) (e from frexp(T); 2^-149 at 0), so m <= pred32(T).
-(2) Candidates: the ids with s_ij + E_ij >= m. Any other id has z < m: ruled out by the lemma.
-(3) fp32 intervals of the candidates. T2 = the k-th largest RN32(lo) among them gives m2 the
-    same way; a candidate with hi < max(m, m2) is ruled out by the lemma.
-(4) The candidates left (about k) are summed in fp64: products of fp32 values are exact in fp64,
-    and a sum of d of them in any order is within gamma64_d sum|p| of z; when every real in that
-    interval rounds to one fp32, that is v_ij, otherwise (about 1 pair in 10^4, and any exact
-    fp32 midpoint) reference.exact_dot computes it with math.fsum. The top k of these by the
-    tie rule is the answer: every id outside them was ruled out in (2) or (3).
-
-Fallback. A row with more than `cap` candidates in (2) (flat logits, where E is wide against
-their spread) is screened again with an fp32 GEMM (error at most gamma32_d |x_i| |w_j|, the
-same classical-summation bound) and certified the same way with no cap.
-
-Order of work. (1)-(2) scan each row of the screen; (3) runs over the candidate pairs in
-vocabulary order, so an unembedding row is read from memory once for all the rows that need it
-(half the time of reading it once per pair); (4) runs per row. Measured (bench/lens.py, one
-7B layer of 576 rows, one thread): int8 GEMM 0.28 s of ~0.32 s (k = 1) to ~0.40 s (k = 10, flat
-logits: ~190 candidates per row), against 1.1 s for the fp32 GEMM + topk.
+Checks. Whatever the path, every row's answer is checked before it is returned: k ids in
+[0, vocab), ranked by the tie rule, each value equal to the exact re-scoring of its id, and the
+certificate met (at least k ids kept in step (3): with a correct screen the k ids that set m
+always are). A row that fails (only a faulty screen can make it fail) is redone on the fp32
+screen, and a block whose sentinel rows come back wrong (screen.py) is redone whole; both warn
+once, naming the CPU and the path. A row that fails on the fp32 screen too raises
+KernelCheckError.
 """
 
 from __future__ import annotations
 
-import math
+import warnings
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 import torch
 from numba import njit, prange
 
-from vislens.kernels._numba import FASTMATH, as_numpy, to_f32
+from vislens.errors import BackendUnavailableError, KernelCheckError
+from vislens.kernels._numba import as_numpy
+from vislens.kernels.lens_topk import screen
+from vislens.kernels.lens_topk.certificate import (
+    U32,
+    _certified,
+    _exact,
+    _quantize,
+    _select,
+    _widen,
+    rotation,
+)
 from vislens.kernels.lens_topk.reference import exact_dot
 
-U64 = 2.0**-53
-U32 = 2.0**-24
-SLACK = 2.0**-20
 CAP = 2048  # candidates a row may keep before it falls back to the fp32 screen
 ROW_BLOCK = 1024  # rows per int8 GEMM: bounds the (rows, vocab) screen in memory
 _VOCAB_BLOCK = 4096
@@ -83,11 +50,18 @@ class Prepared:
     """The unembedding's int8 form and row norms, built once by `prepare`."""
 
     weight: torch.Tensor  # (V, d) as given, contiguous: exact re-scoring reads it
-    gemm: str  # "onednn" (u8 x s8, fp32 out) or "int_mm" (s8 x s8, int32 out)
-    packed: torch.Tensor  # qw packed for oneDNN, or qw (V, d) int8
+    path: screen.Path  # the int8 GEMM that screens (or "fp32": none)
+    packed: torch.Tensor | None  # qw in the form the path's GEMM reads
     sw: np.ndarray  # (V,) fp64 scales
     p: np.ndarray  # (V,) fp64 |ew_j| (+ the GEMM's rounding term)
     q: np.ndarray  # (V,) fp64 |w_j|
+    sentinels: screen.Sentinels | None  # checked in every call of the path's GEMM
+    probes: dict[str, str]  # path name -> "passed" or why it was not used
+
+    @property
+    def gemm(self) -> str:
+        """The name of the screen's path (screen.PATHS)."""
+        return self.path.name
 
 
 @dataclass(frozen=True)
@@ -97,109 +71,16 @@ class Stats:
     candidates: np.ndarray  # (rows,) int64: ids re-scored exactly per row
     fallback: np.ndarray  # (rows,) bool: rows screened again in fp32
     exact_sums: int  # pairs whose fp64 sum did not round safely (math.fsum)
-
-
-def _onednn_pack(qw: torch.Tensor) -> torch.Tensor | None:
-    """qw packed for oneDNN's u8 x s8 matmul, or None where that op is missing or inexact."""
-    op = getattr(getattr(torch.ops, "onednn", None), "qlinear_pointwise", None)
-    if op is None or not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        packed = torch.ops.onednn.qlinear_prepack(qw, None)
-        probe = torch.randint(-127, 128, (3, qw.shape[1]), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
-        got = _onednn_gemm((probe.to(torch.int16) + 128).to(torch.uint8), packed, qw.shape[0])
-    except (RuntimeError, NotImplementedError):
-        return None
-    want = probe.double() @ qw.double().T
-    return packed if bool((got.double() - want).abs().max() < 0.5) else None
-
-
-def _onednn_gemm(xu: torch.Tensor, packed: torch.Tensor, vocab: int) -> torch.Tensor:
-    """(xu - 128) @ qw.T as fp32 for u8 rows xu (VNNI multiplies u8 by s8; zero point 128)."""
-    ones, zeros = torch.ones(vocab), torch.zeros(vocab, dtype=torch.int64)
-    return torch.ops.onednn.qlinear_pointwise(
-        xu, 1.0, 128, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""
-    )
-
-
-def rotation(d: int) -> tuple[np.ndarray, int]:
-    """The screen's basis change: random signs (fixed seed) and the Hadamard transform on blocks
-    of `block` dims (the largest of 256, 64, 16, 4, 1 dividing d: 1/sqrt(block) is a power of two)."""
-    block = next(b for b in (256, 64, 16, 4, 1) if d % b == 0)
-    return np.random.default_rng(0).choice(np.array([-1.0, 1.0], np.float32), size=d), block
-
-
-@njit(fastmath=FASTMATH, cache=True)
-def _rotate(row, signs, block, out):
-    """out = H D row in fp32: signs, a Hadamard butterfly per block (the first two stages as one
-    radix-4 step), scaled by 1/sqrt(block), a power of two. Error: at most log2(block) 2^-24 |row|
-    (each stage rounds once per element and the transform is orthogonal up to that scale)."""
-    for t in range(row.size):
-        out[t] = signs[t] * to_f32(row[t])
-    if block >= 4:
-        for i in range(0, out.size, 4):
-            a, b, c, e = out[i], out[i + 1], out[i + 2], out[i + 3]
-            out[i], out[i + 1], out[i + 2], out[i + 3] = (
-                (a + b) + (c + e),
-                (a - b) + (c - e),
-                (a + b) - (c + e),
-                (a - b) - (c - e),
-            )
-    h = 4
-    while h < block:
-        for i in range(0, out.size, 2 * h):
-            for t in range(h):
-                u, v = out[i + t], out[i + h + t]
-                out[i + t], out[i + h + t] = u + v, u - v
-        h *= 2
-    scale = np.float32(1.0 / math.sqrt(block))
-    for t in range(out.size):
-        out[t] *= scale
-
-
-@njit(parallel=True, cache=True)
-def _quantize(x, signs, block, out, offset, scale, q2, q1, e2, x2):
-    """Per row of x (fp16/bf16 bits or fp32), rotated (x' = H D x in fp32, see `rotation`):
-    scale = max|x'| / 127, out = round(x' / scale) + offset (int8 codes, or u8 with offset 128),
-    and in fp64 |q|, |q|_1, |x' - scale q| and |x|. False if x is not finite."""
-    rows, d = x.shape
-    finite = np.ones(rows, np.bool_)
-    for i in prange(rows):
-        rotated = np.empty(d, np.float32)
-        _rotate(x[i], signs, block, rotated)
-        finite[i], scale[i], q2[i], q1[i], e2[i], x2[i] = _codes(x[i], rotated, out[i], offset)
-    return finite.all()
-
-
-@njit(fastmath=FASTMATH, cache=True)
-def _codes(row, rotated, out, offset):
-    xsq = 0.0
-    for t in range(row.size):
-        v = np.float64(to_f32(row[t]))
-        xsq += v * v
-    top = np.float32(0)
-    for t in range(rotated.size):
-        top = max(top, abs(rotated[t]))
-    if not (xsq < np.inf and top < np.inf):  # NaN fails too
-        return False, 0.0, 0.0, 0.0, 0.0, 0.0
-    s = top / np.float32(127)
-    inverse = np.float32(1) / s if s > 0 else np.float32(0)
-    s64 = np.float64(s)
-    sq = l1 = esq = 0.0
-    for t in range(rotated.size):
-        q = min(max(np.rint(rotated[t] * inverse), np.float32(-127)), np.float32(127))
-        out[t] = q + offset
-        q64 = np.float64(q)
-        e = np.float64(rotated[t]) - s64 * q64
-        sq += q64 * q64
-        l1 += abs(q64)
-        esq += e * e
-    return True, s64, math.sqrt(sq), l1, math.sqrt(esq), math.sqrt(xsq)
+    redone: int = 0  # rows redone on the fp32 screen because their first answer failed a check
 
 
 def prepare(weight: torch.Tensor, gemm: str = "auto") -> Prepared:
     """int8 rows qw'_j = round(w'_j / sw_j) of the rotated w'_j = H D w_j, sw_j = max|w'_j| / 127,
-    and the norms of the bound. gemm: "onednn" where it works ("auto"), or "int_mm"."""
+    the norms of the bound, and the screen's GEMM path (screen.py): "auto" takes the first of
+    screen.AUTO_ORDER whose probe passes on this CPU, else "fp32"; a path named explicitly whose
+    probe fails raises BackendUnavailableError saying why."""
+    if gemm != "auto" and gemm not in screen.PATHS:
+        raise ValueError(f"gemm must be 'auto' or one of {screen.PATHS}, got {gemm!r}")
     weight = weight.detach().contiguous()
     vocab, d = weight.shape
     if 255 * 127 * d >= 2**31:
@@ -207,364 +88,157 @@ def prepare(weight: torch.Tensor, gemm: str = "auto") -> Prepared:
     signs, block = rotation(d)
     qw = torch.empty(vocab, d, dtype=torch.int8)
     sw, q2, l1, ew, wn = (np.empty(vocab) for _ in range(5))
-    if not _quantize(as_numpy(weight), signs, block, qw.numpy(), 0, sw, q2, l1, ew, wn):
+    if not _quantize(as_numpy(weight), signs, block, qw.numpy(), 127, sw, q2, l1, ew, wn):
         raise ValueError("the unembedding holds NaN or infinite values")
-    packed = _onednn_pack(qw) if gemm == "auto" else None
-    if packed is None:
-        return Prepared(weight, "int_mm", qw, sw, ew, wn)
-    rho = 2.0**-22 * 383 * l1  # oneDNN's fp32 output: see the module docstring
-    return Prepared(weight, "onednn", packed, sw, ew + sw * rho / 127, wn)
+    probes: dict[str, str] = {}
+    for name in screen.AUTO_ORDER if gemm == "auto" else (gemm,):
+        path = screen.PATH[name]
+        if name == "fp32":
+            return Prepared(weight, path, None, sw, ew, wn, None, {"fp32": "passed"})
+        why = screen.worst_case_probe(path, d)
+        if why is None:
+            packed = screen.pack(path, qw)
+            sentinels = screen.sentinels(path, qw, l1)
+            try:
+                screen.check(screen.gemm(path, sentinels.codes, packed, vocab), sentinels, path)
+            except screen.ScreenFault as fault:
+                why = f"it returned wrong products for this unembedding: {fault}"
+        if why is None:
+            probes[name] = "passed"
+            extra = sw * screen.rounding(path, l1) / path.levels  # see "Screen" above
+            return Prepared(weight, path, packed, sw, ew + extra, wn, sentinels, probes)
+        probes[name] = why
+        if gemm != "auto":
+            raise BackendUnavailableError(
+                f"CPU feature missing: the lens screen's int8 GEMM path {name!r} needs {path.needs}; "
+                f"on this CPU, {screen.describe_cpu()}, {why}; use gemm='auto'"
+            )
+    return Prepared(weight, screen.PATH["fp32"], None, sw, ew, wn, None, {**probes, "fp32": "passed"})
 
 
 def _screen(x: torch.Tensor, prep: Prepared) -> tuple[torch.Tensor, tuple, np.ndarray]:
     """The int8 screen of rows x (R, d) fp32: qx' . qw'_j (fp32 or int32), its bound terms
-    (sx, sw, sx |qx'|, |ew'|, |ex'| + 2^-18 |x|, |w|) and |x|."""
+    (sx, sw, sx |qx'|, |ew'|, |ex'| + 2^-18 |x|, |w|) and |x|. The path's sentinel rows ride in
+    the same GEMM; ScreenFault if their products are wrong."""
     rows = x.shape[0]
+    path = prep.path
     sx, q2, l1, ex, xn = (np.empty(rows) for _ in range(5))
-    onednn = prep.gemm == "onednn"
-    codes = torch.empty(x.shape, dtype=torch.uint8 if onednn else torch.int8)
+    codes = torch.empty(x.shape, dtype=torch.int8)
     signs, block = rotation(x.shape[1])
-    if not _quantize(x.numpy(), signs, block, codes.numpy(), 128 if onednn else 0, sx, q2, l1, ex, xn):
+    if not _quantize(x.numpy(), signs, block, codes.numpy(), path.levels, sx, q2, l1, ex, xn):
         raise ValueError("the normed hidden rows hold NaN or infinite values")
-    screen = _onednn_gemm(codes, prep.packed, prep.sw.size) if onednn else torch._int_mm(codes, prep.packed.T)
-    return screen, (sx, prep.sw, sx * q2, prep.p, ex + 2.0**-18 * xn, prep.q), xn
+    both = torch.cat([screen.encode(path, codes), prep.sentinels.codes])
+    out = screen.gemm(path, both, prep.packed, prep.sw.size)
+    screen.check(out[rows:], prep.sentinels, path)
+    return out[:rows], (sx, prep.sw, sx * q2, prep.p, ex + 2.0**-18 * xn, prep.q), xn
 
 
 def _fp32_screen(x: torch.Tensor, prep: Prepared) -> tuple[torch.Tensor, tuple, np.ndarray]:
     """fp32 GEMM logits of rows x, with the bound terms of their rounding (gamma32_d |x_i| |w_j|)."""
     vocab, d = prep.weight.shape
-    screen = torch.empty(x.shape[0], vocab)
+    logits = torch.empty(x.shape[0], vocab)
     for v0 in range(0, vocab, _VOCAB_BLOCK):
-        screen[:, v0 : v0 + _VOCAB_BLOCK] = x @ prep.weight[v0 : v0 + _VOCAB_BLOCK].float().T
+        logits[:, v0 : v0 + _VOCAB_BLOCK] = x @ prep.weight[v0 : v0 + _VOCAB_BLOCK].float().T
     xn = x.double().norm(dim=1).numpy()
     gamma = d * U32 / (1 - d * U32)
     rows = x.shape[0]
-    return screen, (np.ones(rows), np.ones(vocab), np.zeros(rows), np.zeros(vocab), gamma * xn, prep.q), xn
-
-
-_SCAN = {"reassoc", "contract", "nnan", "ninf", "nsz"}  # the scans read finite data only
-_BLOCK = 128  # vocabulary ids per vectorised scan step
-_BIG = 1.7976931348623157e308
-
-
-@njit(fastmath=FASTMATH, cache=True)
-def _dot32(x, w):
-    """fp32 dot product of two stored rows (fp16/bf16 bits or fp32), vectorised in any order."""
-    acc = np.float32(0)
-    for t in range(x.size):
-        acc += to_f32(x[t]) * to_f32(w[t])
-    return acc
-
-
-@njit(cache=True)
-def _interval(x, w, x_norm, w_norm, rounding):
-    """[lo, hi] around x_true . w (exact) from `_dot32(x, w)`, where x (fp32, or fp16 bits) is
-    within `rounding` of x_true (|x_true| = x_norm): see "fp32 intervals" above."""
-    acc = np.float64(_dot32(x, w))
-    n = x.size + 1
-    gamma = n * U32 / (1.0 - n * U32)
-    delta = (gamma * (x_norm + rounding) + rounding) * w_norm * (1.0 + SLACK) + abs(acc) * 2.0**-50
-    return acc - delta, acc + delta
-
-
-@njit(fastmath=FASTMATH, cache=True)
-def _dot64(x, w):
-    """fp64 sums of x_t w_t and |x_t w_t|, vectorised in any order (each product is exact)."""
-    acc = 0.0
-    mag = 0.0
-    for t in range(x.size):
-        prod = np.float64(x[t]) * np.float64(to_f32(w[t]))
-        acc += prod
-        mag += abs(prod)
-    return acc, mag
-
-
-@njit(cache=True)
-def _gap(f, below):
-    """For fp32 f, the smaller of the gaps to its two neighbours (below=False), or a number at
-    least the gap to the neighbour below (below=True). With |f| = m 2^e (frexp), the gaps are
-    2^(e-24), except 2^(e-25) towards zero from a power of two, and 2^-149 among subnormals."""
-    if f == 0:
-        return 2.0**-149
-    mantissa, e = math.frexp(np.float64(f))
-    power_of_two = abs(mantissa) == 0.5
-    return math.ldexp(1.0, max(e - (25 if power_of_two and not below else 24), -149))
-
-
-@njit(cache=True)
-def _exact(x, w):
-    """(RN32 of x . w, whether that is certain) from an fp64 sum: see (4) above."""
-    acc, mag = _dot64(x, w)
-    d = x.size
-    gamma = d * U64 / (1.0 - d * U64)
-    f = np.float32(acc)
-    slack = (abs(acc - np.float64(f)) + gamma * mag * (1.0 + SLACK)) * (1.0 + 2.0**-50)
-    return f, slack < _gap(f, False) / 2
-
-
-@njit(cache=True)
-def _cut(lows, k):
-    """m <= pred32(T), T the k-th largest RN32(low): every real below m rounds below T."""
-    rounded = np.empty(lows.size)
-    for c in range(lows.size):
-        rounded[c] = np.float32(lows[c])  # RN32 is monotone: RN32(lo) <= RN32(z) = v
-    rounded.sort()
-    threshold = np.float32(rounded[lows.size - k])
-    return np.float64(threshold) - _gap(threshold, True)
-
-
-@njit(fastmath=_SCAN, cache=True)
-def _block_above(row, sw, threshold):
-    """How many t have row[t] * sw[t] > threshold (slices of one block: loops from 0 vectorise)."""
-    above = 0
-    for t in range(row.size):
-        above += row[t] * sw[t] > threshold
-    return above
-
-
-@njit(cache=True)
-def _top_screen(row, sw, k):
-    """The k ids with the largest screen values row[j] * sw[j] (any k ids would be correct)."""
-    top = np.full(k, -_BIG)
-    top_ids = np.zeros(k, np.int64)
-    for j0 in range(0, row.size, _BLOCK):
-        j1 = min(j0 + _BLOCK, row.size)
-        if _block_above(row[j0:j1], sw[j0:j1], top[k - 1]) == 0:
-            continue
-        for j in range(j0, j1):
-            t = row[j] * sw[j]
-            if t > top[k - 1]:
-                pos = k - 1
-                while pos > 0 and top[pos - 1] < t:
-                    top[pos] = top[pos - 1]
-                    top_ids[pos] = top_ids[pos - 1]
-                    pos -= 1
-                top[pos] = t
-                top_ids[pos] = j
-    return top_ids
-
-
-@njit(fastmath=_SCAN, cache=True)
-def _upper(screen, si, swj, ai, pj, bi, qj):
-    """s_ij + E_ij in fp32 from fp32 terms (a, p, b, q rounded up), inflated past the rounding
-    of its own evaluation in any order (a few fp32 roundings: under 2^-21 of each part)."""
-    s = np.float32(screen) * (si * swj)
-    return s + (ai * pj + bi * qj) * np.float32(1 + 2.0**-18) + abs(s) * np.float32(2.0**-18)
-
-
-@njit(fastmath=_SCAN, cache=True)
-def _block_hits(row, si, sw, ai, p, bi, q, m, hit):
-    """hit[t] = (s + E >= m) over a block's ids (slices), and how many."""
-    hits = 0
-    for t in range(row.size):
-        hit[t] = _upper(row[t], si, sw[t], ai, p[t], bi, q[t]) >= m
-        hits += hit[t]
-    return hits
-
-
-@njit(cache=True)
-def _candidates_row(i, x, w, screen, sx, sw, a, p, b, q, xn, wn, k, ids, counts, cuts):
-    """Steps (1) and (2) for row i: candidate ids (up to the capacity of `ids`), their count, m.
-    The scans run in fp32 (the bound terms sx..q are fp32 here, rounded up where they bound)."""
-    xi, row = x[i], screen[i]
-    top = _top_screen(row, sw, k)
-    lows = np.empty(k)
-    for r in range(k):
-        lows[r] = _interval(xi, w[top[r]], xn[i], wn[top[r]], 0.0)[0]
-    m = _cut(lows, k)
-    cuts[i] = m
-    m = np.float32(m - abs(m) * 2.0**-20 - 2.0**-140)  # an fp32 at most m
-    n = 0
-    si, ai, bi, cap = sx[i], a[i], b[i], ids.shape[1]
-    hit = np.empty(_BLOCK, np.bool_)
-    for j0 in range(0, row.size, _BLOCK):
-        j1 = min(j0 + _BLOCK, row.size)
-        if _block_hits(row[j0:j1], si, sw[j0:j1], ai, p[j0:j1], bi, q[j0:j1], m, hit) == 0:
-            continue
-        for t in range(j1 - j0):
-            if hit[t]:
-                if n < cap:
-                    ids[i, n] = j0 + t
-                n += 1
-    counts[i] = n
+    return logits, (np.ones(rows), np.ones(vocab), np.zeros(rows), np.zeros(vocab), gamma * xn, prep.q), xn
 
 
 @njit(parallel=True, cache=True)
-def _candidates(x, w, screen, sx, sw, a, p, b, q, xn, wn, k, ids, counts, cuts):
-    for i in prange(screen.shape[0]):
-        _candidates_row(i, x, w, screen, sx, sw, a, p, b, q, xn, wn, k, ids, counts, cuts)
-
-
-@njit(cache=True)
-def _by_vocabulary(ids, counts, vocab):
-    """The (row, slot) of every candidate of the rows within capacity, in vocabulary order."""
-    cap = ids.shape[1]
-    start = np.zeros(vocab + 1, np.int64)
-    for i in range(ids.shape[0]):
-        if counts[i] <= cap:
-            for c in range(counts[i]):
-                start[ids[i, c] + 1] += 1
-    for j in range(vocab):
-        start[j + 1] += start[j]
-    rows, slots = np.empty(start[vocab], np.int64), np.empty(start[vocab], np.int64)
-    for i in range(ids.shape[0]):
-        if counts[i] <= cap:
-            for c in range(counts[i]):
-                j = ids[i, c]
-                rows[start[j]], slots[start[j]] = i, c
-                start[j] += 1
-    return rows, slots
-
-
-@njit(parallel=True, cache=True)
-def _intervals(x, xn, dx, w, q, ids, rows, slots, chunks, lo, hi):
-    """Step (3)'s fp32 intervals for the pairs (rows, slots), taken in their (vocabulary) order;
-    x: the rows as fp16 bits (|x_i - x16_i| <= dx_i: half the bytes to read per pair) or fp32."""
-    n = rows.size
-    for c in prange(chunks):
-        for t in range(c * n // chunks, (c + 1) * n // chunks):
-            i, s = rows[t], slots[t]
-            j = ids[i, s]
-            lo[i, s], hi[i, s] = _interval(x[i], w[j], xn[i], q[j], dx[i])
-
-
-def _half_rows(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """x as fp16 bits and |x_i - fp16(x_i)| per row (fp64, inflated); x itself (fp32) and 0 where
-    fp16 would overflow."""
-    half = x.half()
-    if bool(torch.isinf(half).any()):
-        return x.numpy(), np.zeros(x.shape[0])
-    bits = as_numpy(half)
-    return bits, _distance(x.numpy(), bits) * (1 + SLACK)
-
-
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _distance(x, y):
-    """|x_i - y_i| per row in fp64 (y: stored rows)."""
-    out = np.empty(x.shape[0])
-    for i in prange(x.shape[0]):
-        total = 0.0
-        for t in range(x.shape[1]):
-            e = np.float64(x[i, t]) - np.float64(to_f32(y[i, t]))
-            total += e * e
-        out[i] = math.sqrt(total)
-    return out
-
-
-@njit(cache=True)
-def _finish_row(i, x, w, k, ids, counts, cuts, lo, hi, values, sure, kept):
-    """Steps (3)-(4) for row i: drop candidates below the cut, sum the rest exactly (compacted)."""
-    n = counts[i]
-    if n > ids.shape[1]:
-        return
-    m = max(cuts[i], _cut(lo[i, :n], k))  # n >= k: the k ids that set m are candidates
-    left = 0
-    for c in range(n):
-        if hi[i, c] >= m:
-            j = ids[i, c]
-            ids[i, left] = j
-            values[i, left], sure[i, left] = _exact(x[i], w[j])
-            left += 1
-    kept[i] = left
-
-
-@njit(parallel=True, cache=True)
-def _finish(x, w, k, ids, counts, cuts, lo, hi, values, sure, kept):
+def _check_rows(x, w, ids, values, bad, unsure):
+    """Per row: ids in [0, vocab), ranked by the tie rule, values equal to the exact re-scoring
+    (where its fp64 sum rounds safely; `unsure` marks the others for math.fsum)."""
+    vocab = w.shape[0]
     for i in prange(ids.shape[0]):
-        _finish_row(i, x, w, k, ids, counts, cuts, lo, hi, values, sure, kept)
+        for r in range(ids.shape[1]):
+            j = ids[i, r]
+            if j < 0 or j >= vocab:
+                bad[i] = True
+                break
+            if r > 0 and (values[i, r] > values[i, r - 1] or (values[i, r] == values[i, r - 1] and j <= ids[i, r - 1])):
+                bad[i] = True
+                break
+            v, sure = _exact(x[i], w[j])
+            if not sure:
+                unsure[i, r] = True
+            elif v != values[i, r]:
+                bad[i] = True
+                break
 
 
-def _certified(
-    x: torch.Tensor, prep: Prepared, screen: torch.Tensor, bounds: tuple, xn: np.ndarray, k: int, cap: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """Steps (1)-(4) for rows x: (ids, exact values, how many per row) of the ids left, candidates
-    per row (more than cap: not certified here), and how many pairs math.fsum summed."""
-    rows = x.shape[0]
-    ids = np.empty((rows, cap), np.int64)
-    counts, cuts = np.zeros(rows, np.int64), np.zeros(rows)
-    w, xs = as_numpy(prep.weight), x.numpy()
-    sx, sw, a, p, b, q = bounds
-    up = 1 + 2.0**-20  # rounding to fp32 can lose 2^-24: terms that bound stay bounds
-    scan = (sx.astype(np.float32), sw.astype(np.float32), *((t * up).astype(np.float32) for t in (a, p, b, q)))
-    _candidates(xs, w, screen.numpy(), *scan, xn, prep.q, k, ids, counts, cuts)
-    pair_rows, pair_slots = _by_vocabulary(ids, counts, w.shape[0])
-    lo, hi = np.empty((rows, cap)), np.empty((rows, cap))
-    x16, dx = _half_rows(x)
-    _intervals(x16, xn, dx, w, prep.q, ids, pair_rows, pair_slots, 8 * numba.get_num_threads(), lo, hi)
-    values, sure, kept = np.empty((rows, cap), np.float32), np.empty((rows, cap), np.bool_), np.zeros(rows, np.int64)
-    _finish(xs, w, k, ids, counts, cuts, lo, hi, values, sure, kept)
-    unsure = _unsure(sure, kept)
-    for i, c in unsure:
-        values[i, c] = exact_dot(xs[i], _widen(w[ids[i, c]]))
-    return ids, values, kept, counts, len(unsure)
+def _failing(x: torch.Tensor, prep: Prepared, ids: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """(rows,) bool: which rows' answers fail `_check_rows` (the unsure values checked with fsum)."""
+    xs, w = x.numpy(), as_numpy(prep.weight)
+    bad, unsure = np.zeros(ids.shape[0], np.bool_), np.zeros(ids.shape, np.bool_)
+    _check_rows(xs, w, ids, values, bad, unsure)
+    for i, r in zip(*np.nonzero(unsure & ~bad[:, None]), strict=True):
+        if exact_dot(xs[i], _widen(w[ids[i, r]])) != values[i, r]:
+            bad[i] = True
+    return bad
 
 
-@njit(cache=True)
-def _unsure(sure, kept):
-    """(row, slot) of the kept values whose rounding was not certain."""
-    out = []
-    for i in range(kept.size):
-        for c in range(kept[i]):
-            if not sure[i, c]:
-                out.append((i, c))
-    return out
+_FAULTY: set[str] = set()  # int8 paths whose sentinel rows came back wrong in this process
+_WARNED: set[str] = set()
 
 
-def _widen(row: np.ndarray) -> np.ndarray:
-    """A row of as_numpy storage as its float values (fp16 bits, bf16 bits, or fp32)."""
-    if row.dtype == np.uint16:
-        return row.view(np.float16)
-    if row.dtype == np.int16:  # bf16: the top half of an fp32
-        return (row.astype(np.int32) << 16).view(np.float32)
-    return row
-
-
-@njit(parallel=True, cache=True)
-def _select(ids, values, kept, k, out_values, out_ids):
-    """Top k of each row's kept (id, exact value) pairs by the tie rule (rows with fewer than k,
-    the ones over capacity, are left to the fallback)."""
-    for i in prange(ids.shape[0]):
-        if kept[i] < k:
-            continue
-        taken = np.zeros(kept[i], np.bool_)
-        for r in range(k):
-            best = -1
-            for c in range(kept[i]):
-                if not taken[c] and (
-                    best < 0
-                    or values[i, c] > values[i, best]
-                    or (values[i, c] == values[i, best] and ids[i, c] < ids[i, best])
-                ):
-                    best = c
-            taken[best] = True
-            out_values[i, r], out_ids[i, r] = values[i, best], ids[i, best]
+def _warn(prep: Prepared, what: str) -> None:
+    key = f"{prep.gemm}: {what}"
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(
+            f"vislens lens_topk on {screen.describe_cpu()}, int8 GEMM path {prep.gemm!r}: {what}; "
+            "the rows were redone on the fp32 screen, so the results are exact",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def topk(x: torch.Tensor, prep: Prepared, k: int, *, cap: int = CAP) -> tuple[torch.Tensor, torch.Tensor, Stats]:
-    """x: (rows, d) float32 normed rows -> (rows, k) exact float32 values, int64 ids, and Stats."""
+    """x: (rows, d) float32 normed rows -> (rows, k) exact float32 values, int64 ids, and Stats.
+
+    Raises KernelCheckError if a row cannot be certified even on the fp32 screen."""
     rows, cap = x.shape[0], max(cap, k)
-    values = np.empty((rows, k), np.float32)
-    ids = np.empty((rows, k), np.int64)
+    values = np.zeros((rows, k), np.float32)
+    ids = np.full((rows, k), -1, np.int64)
     counts = np.zeros(rows, np.int64)
     fallback = np.zeros(rows, np.bool_)
-    exact_sums = 0
+    exact_sums = redone = 0
     for r0 in range(0, rows, ROW_BLOCK):
         xb = x[r0 : r0 + ROW_BLOCK].contiguous()
-        screen, bounds, xn = _screen(xb, prep)
-        cand, vals, kept, n, unsure = _certified(xb, prep, screen, bounds, xn, k, cap)
-        del screen
-        _select(cand, vals, kept, k, values[r0 : r0 + ROW_BLOCK], ids[r0 : r0 + ROW_BLOCK])
-        flat_rows = np.flatnonzero(n > cap)
-        for w0 in range(0, flat_rows.size, _FALLBACK_BLOCK):  # screen these again, in fp32
-            wide = flat_rows[w0 : w0 + _FALLBACK_BLOCK]
+        block = slice(r0, r0 + xb.shape[0])
+        again = np.arange(xb.shape[0])  # rows for the fp32 screen: all, unless the int8 one runs
+        if prep.gemm != "fp32" and prep.gemm not in _FAULTY:
+            try:
+                logits, bounds, xn = _screen(xb, prep)
+            except screen.ScreenFault as fault:
+                _FAULTY.add(prep.gemm)
+                _warn(prep, f"{fault}, so the path is off for the rest of this process")
+                redone += xb.shape[0]
+            else:
+                cand, vals, kept, n, unsure = _certified(xb, prep, logits, bounds, xn, k, cap)
+                del logits
+                _select(cand, vals, kept, k, values[block], ids[block])
+                counts[block], exact_sums = n, exact_sums + unsure
+                failed = (n <= cap) & _failing(xb, prep, ids[block], values[block])
+                if failed.any():
+                    _warn(prep, f"{int(failed.sum())} rows failed their certificate (a wrong screen)")
+                    redone += int(failed.sum())
+                again = np.flatnonzero((n > cap) | failed)
+        for w0 in range(0, again.size, _FALLBACK_BLOCK):  # screen these again, in fp32
+            wide = again[w0 : w0 + _FALLBACK_BLOCK]
             xw = xb[torch.from_numpy(wide)]
-            screen, bounds, xn = _fp32_screen(xw, prep)
-            cand, vals, kept, n[wide], more = _certified(xw, prep, screen, bounds, xn, k, prep.weight.shape[0])
-            unsure += more
-            fallback[r0 + wide] = True
-            top_values, top_ids = np.empty((wide.size, k), np.float32), np.empty((wide.size, k), np.int64)
+            logits, bounds, xn = _fp32_screen(xw, prep)
+            cand, vals, kept, n, more = _certified(xw, prep, logits, bounds, xn, k, prep.weight.shape[0])
+            top_values, top_ids = np.zeros((wide.size, k), np.float32), np.full((wide.size, k), -1, np.int64)
             _select(cand, vals, kept, k, top_values, top_ids)
+            bad = _failing(xw, prep, top_ids, top_values)
+            if bad.any():
+                raise KernelCheckError(
+                    f"lens_topk could not certify {int(bad.sum())} rows even on the fp32 screen on "
+                    f"{screen.describe_cpu()}; compute the lens with backend='torch' and report this"
+                )
+            exact_sums += more
+            fallback[r0 + wide], counts[r0 + wide] = True, n
             values[r0 + wide], ids[r0 + wide] = top_values, top_ids
-        counts[r0 : r0 + ROW_BLOCK] = n
-        exact_sums += unsure
-    return torch.from_numpy(values), torch.from_numpy(ids), Stats(counts, fallback, exact_sums)
+    return torch.from_numpy(values), torch.from_numpy(ids), Stats(counts, fallback, exact_sums, redone)
