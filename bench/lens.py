@@ -21,6 +21,12 @@ processes disturb less, and speed-ups from both.
 
     python bench/lens.py [--quick] [--models 7b,13b] [--repeats N] [--threads N] [--out PATH]
 
+Screen paths: the middle layer once per int8 GEMM path of the exact CPU path (vislens.kernels.
+lens_topk.screen: oneDNN with 8-bit activations where the CPU sums u8 x s8 in 32 bits, oneDNN with
+7-bit activations, torch._int_mm, and the fp32 screen), each forced by name, against the fp32 GEMM
++ topk on the same rows; the int8 GEMM alone too. A path whose probe fails on this CPU is named
+with the reason. torch._int_mm is timed on 64 rows only where it runs a reference loop.
+
 Also: the middle layer through Dask (a LocalCluster of 1 and of 2 worker processes, the
 unembedding scattered once per worker), and the extra wall time of `vislens extract --lens-topk 5`
 on the embedded toy LLaVA.
@@ -39,9 +45,10 @@ import torch
 from _common import Contention, Row, Timing, machine, parser, peak_memory, print_table, write_json
 from _common import version as vislens_version
 
+from vislens.errors import BackendUnavailableError
 from vislens.kernels import LensNorm, lens_topk, prepare_unembedding
 from vislens.kernels.lens_topk import numba as cpu
-from vislens.kernels.lens_topk import reference
+from vislens.kernels.lens_topk import reference, screen
 from vislens.kernels.lens_topk.reference import apply_norm
 
 MB = 1e6
@@ -170,6 +177,97 @@ def dask_rows(model: Model, args) -> list[Row]:
     return rows
 
 
+def path_rows(model: Model, args, notes: list[str]) -> list[Row]:
+    """The middle layer, k = 1 and 10, on every screen path this CPU can run exactly (forced by
+    name), against the fp32 GEMM + topk on the same rows; and each int8 GEMM alone."""
+    w = unembedding(model)
+    w32 = w.float()
+    norm = final_norm(model)
+    xn = apply_norm(hidden_states(model, "middle", w).float(), norm)
+    repeats = args.repeats or (2 if args.quick else 5)
+    rows, where, label = [], machine(), vislens_version()
+    notes.append(f"auto screen path on this CPU ({screen.describe_cpu()}): {cpu.prepare(w).probes}")
+    for name in screen.PATHS:
+        try:
+            prepared = cpu.prepare(w, gemm=name)
+        except BackendUnavailableError as err:
+            notes.append(f"screen path {name}: not run, {err}")
+            continue
+        x = xn
+        if name == "int_mm":  # a reference loop on some CPUs: time a 64-row slice once first
+            begin = time.process_time()
+            torch._int_mm(torch.ones(64, model.hidden, dtype=torch.int8), prepared.packed[:4096].T)
+            if time.process_time() - begin > 0.5:
+                x = xn[:64]
+                notes.append(f"screen path int_mm: a slow reference loop here, timed on {x.shape[0]} rows")
+        shape = f"x ({x.shape[0]}, {model.hidden}) fp32 normed, W ({model.vocab}, {model.hidden}) fp16"
+        reps = 1 if x.shape[0] < xn.shape[0] else repeats
+        if name != "fp32":
+            _, gemm_cpu = _timed(lambda: cpu._screen(x, prepared), reps)
+            rows.append(
+                Row(
+                    f"screen {model.name} middle",
+                    name,
+                    "int8 GEMM alone (CPU)",
+                    "s",
+                    shape,
+                    gemm_cpu.median,
+                    gemm_cpu.p20,
+                    gemm_cpu.p80,
+                    where,
+                    label,
+                )
+            )
+        for k in (1, 10):
+            operation = f"screen {model.name} middle k={k}"
+            _, base_cpu = _timed(lambda: (x @ w32.T).topk(k, dim=1), reps)
+            _, cpu_time = _timed(lambda: cpu.topk(x, prepared, k), reps)
+            rows.append(
+                Row(
+                    operation,
+                    "torch fp32 GEMM + topk",
+                    "CPU time",
+                    "s",
+                    shape,
+                    base_cpu.median,
+                    base_cpu.p20,
+                    base_cpu.p80,
+                    where,
+                    label,
+                )
+            )
+            rows.append(
+                Row(
+                    operation,
+                    f"numba, screen {name}",
+                    "CPU time",
+                    "s",
+                    shape,
+                    cpu_time.median,
+                    cpu_time.p20,
+                    cpu_time.p80,
+                    where,
+                    label,
+                )
+            )
+            speed = _speedup(base_cpu, cpu_time)
+            rows.append(
+                Row(
+                    operation,
+                    f"numba, screen {name}",
+                    "speedup vs fp32 GEMM (CPU)",
+                    "x",
+                    shape,
+                    speed.median,
+                    speed.p20,
+                    speed.p80,
+                    where,
+                    label,
+                )
+            )
+    return rows
+
+
 def extraction_rows(args) -> list[Row]:
     """The extra wall time of `vislens extract --lens-topk 5` on the toy LLaVA (36 image tokens,
     6 layers): the same extraction with and without it, interleaved, per sample."""
@@ -243,6 +341,7 @@ def main() -> None:
     p.add_argument("--models", default="7b,13b", help="comma-separated: 7b, 13b")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 7, quick 2)")
     p.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: all cores)")
+    p.add_argument("--only-paths", action="store_true", help="only the screen paths' section")
     args = p.parse_args()
     if args.threads:
         import numba
@@ -263,7 +362,16 @@ def main() -> None:
     def one(value: float) -> Timing:
         return Timing(value, value, value)
 
+    if args.only_paths:
+        for model in models:
+            rows += path_rows(model, args, notes)
+        print_table(rows)
+        for note in notes:
+            print(note)
+        print("wrote", write_json("lens", rows, notes, args.out))
+        return
     for model in models:
+        rows += path_rows(model, args, notes)
         w = unembedding(model)
         w32 = w.float()
         norm = final_norm(model)

@@ -137,7 +137,7 @@ def _fp32_screen(x: torch.Tensor, prep: Prepared) -> tuple[torch.Tensor, tuple, 
     """fp32 GEMM logits of rows x, with the bound terms of their rounding (gamma32_d |x_i| |w_j|)."""
     vocab, d = prep.weight.shape
     logits = torch.empty(x.shape[0], vocab)
-    for v0 in range(0, vocab, _VOCAB_BLOCK):
+    for v0 in range(0, vocab, _VOCAB_BLOCK):  # widened a slice at a time: no fp32 copy of W is kept
         logits[:, v0 : v0 + _VOCAB_BLOCK] = x @ prep.weight[v0 : v0 + _VOCAB_BLOCK].float().T
     xn = x.double().norm(dim=1).numpy()
     gamma = d * U32 / (1 - d * U32)
@@ -194,51 +194,80 @@ def _warn(prep: Prepared, what: str) -> None:
         )
 
 
+@dataclass
+class _Answer:
+    """The answer being built for one block of rows."""
+
+    values: np.ndarray  # (rows, k) float32
+    ids: np.ndarray  # (rows, k) int64, -1 until a row is answered
+    counts: np.ndarray  # (rows,) candidates re-scored per row (its last pass)
+    fallback: np.ndarray  # (rows,) screened in fp32
+    exact_sums: int = 0
+    redone: int = 0
+
+
+def _certify(
+    answer: _Answer, rows: np.ndarray, x: torch.Tensor, prep: Prepared, k: int, cap: int, fp32: bool
+) -> np.ndarray:
+    """Screen rows `rows` of x (int8, or fp32) and certify them with at most `cap` candidates;
+    write the answers of the rows within capacity that pass their checks; return the other rows."""
+    xs = x[torch.from_numpy(rows)] if rows.size < x.shape[0] else x
+    logits, bounds, xn = _fp32_screen(xs, prep) if fp32 else _screen(xs, prep)
+    cand, vals, kept, n, unsure = _certified(xs, prep, logits, bounds, xn, k, cap)
+    del logits
+    values, ids = np.zeros((rows.size, k), np.float32), np.full((rows.size, k), -1, np.int64)
+    _select(cand, vals, kept, k, values, ids)
+    failed = (n <= cap) & _failing(xs, prep, ids, values)
+    if failed.any():
+        if fp32:
+            raise KernelCheckError(
+                f"lens_topk could not certify {int(failed.sum())} rows even on the fp32 screen on "
+                f"{screen.describe_cpu()}; compute the lens with backend='torch' and report this"
+            )
+        _warn(prep, f"{int(failed.sum())} rows failed their certificate (a wrong screen)")
+        answer.redone += int(failed.sum())
+    done = (n <= cap) & ~failed
+    answer.values[rows[done]], answer.ids[rows[done]] = values[done], ids[done]
+    answer.counts[rows], answer.exact_sums = n, answer.exact_sums + unsure
+    answer.fallback[rows] |= fp32
+    return rows[~done]
+
+
 def topk(x: torch.Tensor, prep: Prepared, k: int, *, cap: int = CAP) -> tuple[torch.Tensor, torch.Tensor, Stats]:
     """x: (rows, d) float32 normed rows -> (rows, k) exact float32 values, int64 ids, and Stats.
 
+    Each block of rows is screened with the prepared int8 path (unless it is "fp32" or found
+    faulty in this process), certified with at most `cap` candidates per row; the rows left
+    (flat logits, or a failed check) are screened in fp32 with the same cap, and any still left
+    (exact ties across the vocabulary) in fp32 with no cap, a few rows at a time.
+
     Raises KernelCheckError if a row cannot be certified even on the fp32 screen."""
     rows, cap = x.shape[0], max(cap, k)
-    values = np.zeros((rows, k), np.float32)
-    ids = np.full((rows, k), -1, np.int64)
-    counts = np.zeros(rows, np.int64)
-    fallback = np.zeros(rows, np.bool_)
-    exact_sums = redone = 0
+    vocab = prep.weight.shape[0]
+    answer = _Answer(
+        np.zeros((rows, k), np.float32),
+        np.full((rows, k), -1, np.int64),
+        np.zeros(rows, np.int64),
+        np.zeros(rows, bool),
+    )
     for r0 in range(0, rows, ROW_BLOCK):
         xb = x[r0 : r0 + ROW_BLOCK].contiguous()
-        block = slice(r0, r0 + xb.shape[0])
-        again = np.arange(xb.shape[0])  # rows for the fp32 screen: all, unless the int8 one runs
+        block = _Answer(
+            *(a[r0 : r0 + xb.shape[0]] for a in (answer.values, answer.ids, answer.counts, answer.fallback))
+        )
+        left = np.arange(xb.shape[0])
         if prep.gemm != "fp32" and prep.gemm not in _FAULTY:
             try:
-                logits, bounds, xn = _screen(xb, prep)
+                left = _certify(block, left, xb, prep, k, cap, fp32=False)
             except screen.ScreenFault as fault:
                 _FAULTY.add(prep.gemm)
                 _warn(prep, f"{fault}, so the path is off for the rest of this process")
-                redone += xb.shape[0]
-            else:
-                cand, vals, kept, n, unsure = _certified(xb, prep, logits, bounds, xn, k, cap)
-                del logits
-                _select(cand, vals, kept, k, values[block], ids[block])
-                counts[block], exact_sums = n, exact_sums + unsure
-                failed = (n <= cap) & _failing(xb, prep, ids[block], values[block])
-                if failed.any():
-                    _warn(prep, f"{int(failed.sum())} rows failed their certificate (a wrong screen)")
-                    redone += int(failed.sum())
-                again = np.flatnonzero((n > cap) | failed)
-        for w0 in range(0, again.size, _FALLBACK_BLOCK):  # screen these again, in fp32
-            wide = again[w0 : w0 + _FALLBACK_BLOCK]
-            xw = xb[torch.from_numpy(wide)]
-            logits, bounds, xn = _fp32_screen(xw, prep)
-            cand, vals, kept, n, more = _certified(xw, prep, logits, bounds, xn, k, prep.weight.shape[0])
-            top_values, top_ids = np.zeros((wide.size, k), np.float32), np.full((wide.size, k), -1, np.int64)
-            _select(cand, vals, kept, k, top_values, top_ids)
-            bad = _failing(xw, prep, top_ids, top_values)
-            if bad.any():
-                raise KernelCheckError(
-                    f"lens_topk could not certify {int(bad.sum())} rows even on the fp32 screen on "
-                    f"{screen.describe_cpu()}; compute the lens with backend='torch' and report this"
-                )
-            exact_sums += more
-            fallback[r0 + wide], counts[r0 + wide] = True, n
-            values[r0 + wide], ids[r0 + wide] = top_values, top_ids
-    return torch.from_numpy(values), torch.from_numpy(ids), Stats(counts, fallback, exact_sums, redone)
+                block.redone += xb.shape[0]
+        if left.size:
+            left = _certify(block, left, xb, prep, k, cap, fp32=True)
+        for w0 in range(0, left.size, _FALLBACK_BLOCK):  # every logit may be a candidate here
+            _certify(block, left[w0 : w0 + _FALLBACK_BLOCK], xb, prep, k, vocab, fp32=True)
+        answer.exact_sums += block.exact_sums
+        answer.redone += block.redone
+    stats = Stats(answer.counts, answer.fallback, answer.exact_sums, answer.redone)
+    return torch.from_numpy(answer.values), torch.from_numpy(answer.ids), stats
