@@ -62,7 +62,19 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, help="random sample of --limit images drawn with this seed")
     p.add_argument("--noise-seed", type=int, default=0, help="seed of the noisy prompts")
-    p.add_argument("--batch-size", type=int, default=4, help="samples per forward pass")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="samples per forward pass (default: 4; a resume takes the store's own, so that it reproduces the "
+        "first run bit for bit)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch and numba threads (default: the usable cores; a resume takes the store's own)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if present)")
     p.add_argument(
         "--dtype",
@@ -176,6 +188,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         seed=args.seed,
         noise_seed=args.noise_seed,
         batch_size=args.batch_size,
+        threads=args.threads,
         device=args.device,
         dtype=args.dtype,
         revision=args.revision,

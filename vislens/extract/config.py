@@ -60,6 +60,7 @@ def parse_layers(text: str, n_states: int | None = None) -> tuple[int, ...]:
 RUNTIME_ONLY = (
     "out",
     "batch_size",
+    "threads",
     "device",
     "shard",
     "overwrite",
@@ -88,7 +89,11 @@ class ExtractConfig:
     limit: int | None = None
     seed: int | None = None
     noise_seed: int = 0
-    batch_size: int = 4
+    batch_size: int | None = None
+    """Samples per forward pass; None: 4, or on a resume the batch size the store was written with
+    (the model's CPU forward rounds by the batch's shape: the same batches reproduce the same bits)."""
+    threads: int | None = None
+    """torch and numba threads; None: the usable cores, or on a resume the store's own."""
     device: str = "auto"
     dtype: str = "auto"
     revision: str | None = None
@@ -115,8 +120,10 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_MODES:
             raise ConfigError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         unknown = [k for k in self.keep if k not in KEEP]
         if unknown:
             raise ConfigError(f"--keep takes {', '.join(KEEP)} or none, got {', '.join(unknown)}")

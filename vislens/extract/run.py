@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -14,6 +14,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import vislens
+from vislens import runtime
 from vislens.errors import ImageError, ModelError
 from vislens.extract.adapters import LoadedModel, load_adapter
 from vislens.extract.capture import capture_attention
@@ -138,7 +139,12 @@ def _store_spec(
     attrs = {
         "vislens_version": vislens.__version__,
         "model": model_attrs(loaded),
-        "extraction": {"args": args, "device": config.resolved_device(), "batch_size": config.batch_size},
+        "extraction": {
+            "args": args,
+            "device": config.resolved_device(),
+            "batch_size": config.batch_size,
+            **runtime.settings(),
+        },
         "dataset": data.provenance(),
         "prompts": {
             "kinds": list(dict.fromkeys(config.prompts)),
@@ -416,6 +422,56 @@ def _load_images(batch: list[Sample]) -> list[Image.Image | ImageError]:
     return out
 
 
+DEFAULT_BATCH_SIZE = 4
+
+
+def plan_batches(owned: np.ndarray, pending: set[int], block: int, size: int) -> list[list[int]]:
+    """The batches of a run: runs of ``size`` consecutive samples from the start of each block
+    (whole blocks belong to one writer), kept where one of their samples is pending.
+
+    Every run, resumed or sharded differently, so feeds the model the same batches, padding
+    included, as an uninterrupted run: the model's CPU forward rounds by the batch's shape, and a
+    resumed store must equal an uninterrupted one bit for bit. A batch's done samples are
+    computed again (at most one partly written batch per killed writer) but not written."""
+    batches: list[list[int]] = []
+    for first in range(0, len(owned)):
+        sample = int(owned[first])
+        if (sample % block) % size == 0 or first == 0 or int(owned[first - 1]) != sample - 1:
+            batches.append([])
+        batches[-1].append(sample)
+    return [b for b in batches if pending.intersection(b)]
+
+
+def _recorded_run(location: Any, overwrite: bool) -> dict[str, Any]:
+    """What an existing store records of the run that wrote it (empty for a new store or with
+    ``overwrite``): its batch size and threads, for a resume to reproduce."""
+    if overwrite:
+        return {}
+    try:
+        root = location.read_json("zarr.json")
+    except Exception:  # not a store, unreadable: prepare_store says so properly later
+        return {}
+    extraction = ((root or {}).get("attributes") or {}).get("extraction")
+    return extraction if isinstance(extraction, dict) else {}
+
+
+def _pinned(config: ExtractConfig, recorded: dict[str, Any]) -> ExtractConfig:
+    """``config`` with its batch size and threads settled: as asked, else as the store records
+    (a resume), else the defaults; the process's threads are set here."""
+    stored_batch = recorded.get("batch_size")
+    batch = config.batch_size or stored_batch or DEFAULT_BATCH_SIZE
+    if stored_batch and config.batch_size and config.batch_size != stored_batch:
+        log.warning(
+            "the store was written in batches of %d and this run uses %d: the model's CPU forward may round "
+            "differently in the last bits; leave out --batch-size to resume with the store's own",
+            stored_batch,
+            config.batch_size,
+        )
+    threads = runtime.pinned(config.threads, recorded.get("threads"), runtime.usable_cores())
+    runtime.apply_threads(threads)
+    return replace(config, batch_size=int(batch), threads=threads)
+
+
 def extract(config: ExtractConfig, *, loaded: LoadedModel | None = None) -> ExtractResult:
     """Run (or resume) an extraction into ``config.out``.
 
@@ -428,6 +484,7 @@ def extract(config: ExtractConfig, *, loaded: LoadedModel | None = None) -> Extr
     """
     start = time.perf_counter()
     location = as_location(config.out, config.storage_options)
+    config = _pinned(config, _recorded_run(location, config.overwrite))
     data = load_data(config.data, limit=config.limit, seed=config.seed, images=config.images, split=config.split)
     if loaded is None:
         loaded = load_adapter(
@@ -452,12 +509,11 @@ def extract(config: ExtractConfig, *, loaded: LoadedModel | None = None) -> Extr
         writer_id=config.writer_id,
     )
     todo = writer.pending(config.shard)
-    owned = len(shard_blocks(len(plan), spec.layout.block, config.shard))
-    result = ExtractResult(location.url, len(plan), already_done=owned - len(todo))
+    owned = shard_blocks(len(plan), spec.layout.block, config.shard)
+    result = ExtractResult(location.url, len(plan), already_done=len(owned) - len(todo))
     background = PipelinedWriter(writer)
-    batches = [
-        [plan[i] for i in todo[first : first + config.batch_size]] for first in range(0, len(todo), config.batch_size)
-    ]
+    pending = set(todo.tolist())
+    batches = [[plan[i] for i in batch] for batch in plan_batches(owned, pending, spec.layout.block, config.batch_size)]
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vislens-images")
     try:
         upcoming = loader.submit(_load_images, batches[0]) if batches else None
@@ -469,18 +525,20 @@ def extract(config: ExtractConfig, *, loaded: LoadedModel | None = None) -> Extr
                 ready, images = [], []
                 for sample, image in zip(batch, loaded_images, strict=True):
                     if isinstance(image, ImageError):
-                        if config.strict:
+                        if config.strict and sample.index in pending:
                             raise image
-                        result.skipped[sample.record.id] = str(image)
-                        background.mark_skipped(sample.index)
+                        if sample.index in pending:
+                            result.skipped[sample.record.id] = str(image)
+                            background.mark_skipped(sample.index)
                     else:
                         ready.append(sample)
                         images.append(image)
                 if ready:
                     for sample, arrays in zip(ready, _run_batch(loaded, config, ready, images, context)):
-                        background.write_sample(sample.index, arrays)
-                        result.written += 1
-                bar.update(len(batch))
+                        if sample.index in pending:  # the batch's done samples ran again only to keep it whole
+                            background.write_sample(sample.index, arrays)
+                            result.written += 1
+                bar.update(sum(s.index in pending for s in batch))
     except BaseException:
         background.close(quiet=True)  # the first error is the one to report
         raise

@@ -8,6 +8,7 @@ on the model's device, and offline in `vislens.analyze`), so both give the same 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 COSINE_STATS = ("inter_modal", "intra_image", "intra_text")
@@ -62,21 +63,27 @@ def attention_shares(
     share (layer,): mean over text query rows of sum_{j image} NA(q, j) / sum_j NA(q, j) (NaN
     without text rows); after (layer,): the same over text rows after the first image token;
     last (layer, n): the row of the query at the last position n - 1 (zeros if not stored).
-    All float32.
+    All float32. The sums and means run in float64 in numpy's fixed order (pairwise along the
+    tokens), on the CPU, and are rounded once: the same bits on any machine, at extraction on a
+    GPU or offline.
     """
-    summed = summed.float()
-    n_layers, _, n = summed.shape
-    totals = summed.sum(-1)
-    on_image = summed[..., image].sum(-1)
-    shares = torch.where(totals > 0, on_image / torch.where(totals > 0, totals, 1.0), 0.0)  # (layer, query)
-    shares = torch.where(totals.isnan(), torch.nan, shares)  # a layer without self-attention (Mllama's cross-attention)
-    nan = torch.full((n_layers,), torch.nan)
-    share = shares[:, text_rows].mean(-1) if bool(text_rows.any()) else nan
-    first_image = int(torch.nonzero(image)[0]) if bool(image.any()) else n
+    na = summed.detach().float().cpu().numpy()
+    positions, image, text_rows = (t.detach().cpu().numpy() for t in (positions, image, text_rows))
+    n_layers, _, n = na.shape
+    wide = na.astype(np.float64)
+    totals = wide.sum(-1)
+    on_image = np.ascontiguousarray(wide[..., image]).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shares = np.where(totals > 0, on_image / np.where(totals > 0, totals, 1.0), 0.0)  # (layer, query)
+    shares = np.where(np.isnan(totals), np.nan, shares)  # a layer without self-attention (Mllama's cross-attention)
+    nan = np.full(n_layers, np.nan)
+    share = np.ascontiguousarray(shares[:, text_rows]).mean(-1) if text_rows.any() else nan
+    first_image = int(np.flatnonzero(image)[0]) if image.any() else n
     seen = text_rows & (positions > first_image)
-    after = shares[:, seen].mean(-1) if bool(seen.any()) else nan
-    last = torch.zeros((n_layers, n), dtype=torch.float32)
-    is_last = torch.nonzero(positions == n - 1).flatten()
-    if is_last.numel():
-        last = summed[:, int(is_last[0])].clone()
-    return share, after, last
+    after = np.ascontiguousarray(shares[:, seen]).mean(-1) if seen.any() else nan
+    last = np.zeros((n_layers, n), dtype=np.float32)
+    is_last = np.flatnonzero(positions == n - 1)
+    if is_last.size:
+        last = na[:, int(is_last[0])].copy()
+    as_f32 = lambda x: torch.from_numpy(np.asarray(x, dtype=np.float32))  # noqa: E731
+    return as_f32(share), as_f32(after), as_f32(last)

@@ -28,11 +28,14 @@ fp32 path and warns once).
 
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from vislens.kernels._cpu import cpu_name, describe_cpu
+
+__all__ = ["cpu_name", "describe_cpu"]  # re-exported: the lens's warnings name the CPU
 
 PATHS = ("onednn", "onednn7", "int_mm", "fp32")
 AUTO_ORDER = ("onednn", "onednn7")  # then "fp32"
@@ -62,38 +65,6 @@ PATH = {
 
 class ScreenFault(RuntimeError):
     """The int8 GEMM returned products that are not the exact integers."""
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), or what the platform says."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo), or an empty set."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def describe_cpu() -> str:
-    """e.g. 'AMD EPYC (avx2, fma; no avx512f, no avx512_vnni, no avx_vnni, no amx_int8)'."""
-    flags = cpu_flags()
-    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
-    parts = [name if name in flags else f"no {name}" for name in wanted]
-    return f"{cpu_name()} ({', '.join(parts)}; torch {torch.backends.cpu.get_cpu_capability()})"
 
 
 def onednn_available() -> bool:

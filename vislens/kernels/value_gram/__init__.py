@@ -30,9 +30,11 @@ def value_gram(values: torch.Tensor, w_o: torch.Tensor, n_heads: int, *, backend
     values : (..., N, H_kv * d_head) float16, bfloat16 or float32, as output by `v_proj`.
     w_o : (D, H * d_head), the layer's `o_proj.weight`, same dtypes.
     n_heads : H, the number of attention (query) heads; d_head = w_o.shape[1] // H.
-    backend : "auto" | "triton" | "numba" | "torch". This op is two matrix products, so on CPU
-        "auto" means "torch" (BLAS): bench/kernels.py measured it ~4x faster than the numba
-        kernel, which stays available by name.
+    backend : "auto" | "triton" | "numba" | "torch". On the CPU "auto" means "numba": every
+        sum in a fixed order, so a token's Gram matrix is the same bits whatever batch, padding,
+        thread count or CPU it was computed with (a resumed store equals an uninterrupted one).
+        "torch" (BLAS) is faster (bench/kernels.py), but BLAS picks its summation order by the
+        shape of the batch and by the CPU: its last bits follow the batch a token came in.
 
     Returns
     -------
@@ -50,7 +52,7 @@ def value_gram(values: torch.Tensor, w_o: torch.Tensor, n_heads: int, *, backend
             f"w_o (D, H * d) = {tuple(w_o.shape)} with n_heads={n_heads} does not fit "
             f"values with {values.shape[-1]} features (H_kv * d, H_kv dividing H)"
         )
-    name = resolve(backend, values, w_o, cpu_auto="torch")
+    name = resolve(backend, values, w_o)
     values, w_o = values.detach(), w_o.detach()  # e.g. o_proj.weight, a Parameter
     *lead, n, width = values.shape
     values = values.reshape(math.prod(lead), n, width)
