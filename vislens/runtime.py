@@ -58,22 +58,37 @@ def apply_threads(n: int) -> Threads:
     return current()
 
 
-def pinned(requested: int | None, recorded: dict[str, Any] | None, default: int) -> int:
-    """The thread count of a run: ``requested`` (``--threads``) if given; else the one a store
-    records (a resume reproduces its first run); else ``default``. A requested count that differs
-    from the recorded one is used, with a warning that the model's last bits may then differ."""
-    stored = int(recorded["torch"]) if recorded and "torch" in recorded else None
+def _settle(what: str, requested: int | None, stored: int | None, default: int, flag: str) -> int:
     if requested is None:
         return stored if stored is not None else default
     if stored is not None and stored != requested:
         log.warning(
-            "the store was written with %d torch threads and this run uses %d: the model's CPU forward "
-            "may round differently in the last bits (vislens's own sums do not depend on threads); "
-            "leave out --threads to resume with the store's own",
+            "the store was written %s %d and this run uses %d: the model's CPU forward may round "
+            "differently in the last bits (vislens's own sums do not follow either); leave out %s to "
+            "resume with the store's own",
+            what,
             stored,
             requested,
+            flag,
         )
     return requested
+
+
+def pin(
+    batch_size: int | None, threads: int | None, recorded: dict[str, Any] | None, default_batch: int
+) -> tuple[int, int]:
+    """The batch size and thread count of a run, with the threads applied to this process: as
+    asked (``--batch-size``, ``--threads``); else as the store records them (a resume reproduces
+    its first run: the model's CPU forward rounds by the batch's shape and the thread count);
+    else ``default_batch`` and the usable cores. A value asked for that differs from the
+    recorded one is used, with a warning that the model's last bits may then differ."""
+    recorded = recorded or {}
+    stored_threads = (recorded.get("threads") or {}).get("torch")
+    stored_batch = recorded.get("batch_size")
+    batch = _settle("in batches of", batch_size, stored_batch, default_batch, "--batch-size")
+    count = _settle("with torch threads:", threads, stored_threads, usable_cores(), "--threads")
+    apply_threads(int(count))
+    return int(batch), int(count)
 
 
 def settings() -> dict[str, Any]:

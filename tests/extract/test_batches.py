@@ -44,6 +44,6 @@ def test_a_resume_takes_the_stores_batch_size_and_threads(caplog):
                 {"batch_size": 3, "threads": {"torch": 1}},
             )
         assert (asked.batch_size, asked.threads) == (2, 2)
-        assert "written in batches of 3" in caplog.text and "written with 1 torch threads" in caplog.text
+        assert "written in batches of 3" in caplog.text and "written with torch threads: 1" in caplog.text
     finally:
         runtime.apply_threads(before.torch)

@@ -12,6 +12,7 @@ from vislens.extract.datasets import load_data, read_manifest
 from vislens.toys.shapes import (
     BACKGROUNDS,
     COLOURS,
+    COUNTS,
     IMAGE_SIZE,
     TEMPLATES,
     captions,
@@ -84,3 +85,30 @@ def test_synthetic_spec_is_the_held_out_split(tmp_path):
 def test_unknown_split_is_named():
     with pytest.raises(ConfigError, match="unknown shapes-world split 'val'"):
         scene("val", 0)
+
+
+def _phrases(text: str) -> list[str]:
+    """The parts of a list written by the captions ("a, b and c")."""
+    head, _, last = text.rpartition(" and ")
+    return (head.split(", ") if head else []) + [last]
+
+
+def test_every_scene_keeps_its_invariants():
+    """Over many scenes of both splits: one to three shapes, each in its own cell, in reading
+    order; the positions caption names exactly the drawn shapes at their cells, the count caption
+    the right number, and the relation caption a relation that holds on the grid."""
+    scenes = [scene("train", i) for i in range(1500)] + [scene("test", i) for i in range(300)]
+    for drawn in scenes:
+        cells = [(s.row, s.col) for s in drawn.shapes]
+        assert 1 <= len(cells) <= 3
+        assert len(set(cells)) == len(cells), f"two shapes share a cell: {drawn}"
+        assert cells == sorted(cells)
+        positions, relation, count = captions(drawn)
+        assert _phrases(positions) == [f"{s.noun_phrase} at the {s.position}" for s in drawn.shapes]
+        assert count.split()[0] == COUNTS[len(cells) - 1]
+        assert _phrases(count.split(": ", 1)[1]) == [s.noun_phrase for s in drawn.shapes]
+        if len(cells) > 1:
+            (r0, c0), (r1, c1) = cells[:2]
+            said = "above" if f"{drawn.shapes[0].noun_phrase} above " in relation else "left of"
+            assert f"{drawn.shapes[0].noun_phrase} {said} {drawn.shapes[1].noun_phrase}" in relation
+            assert (r0 < r1) if said == "above" else (r0 == r1 and c0 < c1)

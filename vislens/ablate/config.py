@@ -18,6 +18,7 @@ RUNTIME_ONLY = (
     "out",
     "group",
     "batch_size",
+    "threads",
     "device",
     "method",
     "overwrite",
@@ -56,7 +57,11 @@ class AblateConfig:
     limit: int | None = None
     seed: int | None = None
     token_loss: str | None = "float32"
-    batch_size: int = 16
+    batch_size: int | None = None
+    """Settings per decoder call; None: 16, or on a resume the group's own (the model's CPU forward
+    rounds by the batch's shape: the same batches reproduce the same bits)."""
+    threads: int | None = None
+    """torch and numba threads; None: the usable cores, or on a resume the group's own."""
     device: str = "auto"
     dtype: str = "auto"
     revision: str | None = None
@@ -80,8 +85,10 @@ class AblateConfig:
             raise ConfigError(f"mask style must be one of {STYLES}, got {self.mask_style!r}")
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         if self.token_loss not in ("float32", "float16", None):
             raise ConfigError(f"token loss must be float32, float16 or none, got {self.token_loss!r}")
         if self.mode == "truncate" and (self.intervals is not None or self.interval_width is not None):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 import vislens
+from vislens import runtime
 from vislens.ablate.config import N_DEFAULT_PROMPTS, AblateConfig
 from vislens.ablate.engine import PairInput, Work, run_prefix, shared_prefix_losses
 from vislens.ablate.inputs import PlannedPair, encode_pairs, plan_pairs, token_arrays
@@ -115,7 +116,12 @@ def _spec(
         "dataset": data.provenance(),
         "prompts": {"file": config.prompts_file or f"vislens:prompts_normal.json (first {N_DEFAULT_PROMPTS})"},
     }
-    run = {"device": config.resolved_device(), "batch_size": config.batch_size, "method": config.method}
+    run = {
+        "device": config.resolved_device(),
+        "batch_size": config.batch_size,
+        "method": config.method,
+        **runtime.settings(),
+    }
     rows = [(p.record.id, p.record.image, p.caption, prompts[p.prompt].id, prompts[p.prompt].text) for p in pairs]
     by_sample = {p.sample: p.caption for p in pairs}
     return AblationSpec(
@@ -194,6 +200,22 @@ def _run_image(
             bar.update(1)
 
 
+DEFAULT_BATCH_SIZE = 16
+
+
+def _recorded_run(location: Any, config: AblateConfig) -> dict[str, Any]:
+    """What an existing ablation group records of the run that wrote it (batch size, threads), for
+    a resume to reproduce; empty for a new group or with ``overwrite``."""
+    if config.overwrite:
+        return {}
+    try:
+        group = location.read_json(config.group, "zarr.json")
+    except Exception:  # not a store, unreadable: prepare_ablation says so properly later
+        return {}
+    run = ((group or {}).get("attributes") or {}).get("ablation")
+    return run if isinstance(run, dict) else {}
+
+
 def ablate(config: AblateConfig, *, loaded: LoadedModel | None = None) -> AblateResult:
     """Run (or resume) an ablation into ``config.out`` (group ``config.group``).
 
@@ -208,6 +230,8 @@ def ablate(config: AblateConfig, *, loaded: LoadedModel | None = None) -> Ablate
     """
     begin = time.perf_counter()
     location = as_location(config.out, config.storage_options)
+    batch, threads = runtime.pin(config.batch_size, config.threads, _recorded_run(location, config), DEFAULT_BATCH_SIZE)
+    config = replace(config, batch_size=batch, threads=threads)
     data = load_data(config.data, limit=config.limit, seed=config.seed, images=config.images, split=config.split)
     prompts = load_prompts(config.prompts_file)
     if loaded is None:

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from vislens.cli import ablate, analyze, demo, extract, store
+from vislens.cli import ablate, analyze, demo, doctor, extract, store
 from vislens.errors import VislensError
 
 DESCRIPTION = """\
@@ -22,6 +22,7 @@ vislens: extract the internals of a vision LLM once, analyse them many times.
   vislens report STORE... --out DIR  every analysis on one HTML page
   vislens ablate --model M --data D --out STORE --mode truncate|mask
   vislens info STORE / vislens verify STORE
+  vislens doctor                     this machine, the kernels' paths and their checks
 
 Stores are Zarr v3 folders (or s3://, memory://, https:// URLs) readable with xarray.
 """
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         store.add_verify,
         demo.add_demo,
         demo.add_toy,
+        doctor.add_doctor,
     ):
         add(sub)
     return parser

@@ -68,7 +68,19 @@ def add_ablate(sub: argparse._SubParsersAction) -> None:
         choices=["float32", "float16", "none"],
         help="keep per-caption-token losses of every setting in this dtype (none: only the means)",
     )
-    p.add_argument("--batch-size", type=int, default=16, help="settings per forward pass")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="settings per forward pass (default: 16; a resume takes the group's own, so that it reproduces "
+        "the first run bit for bit)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch and numba threads (default: the usable cores; a resume takes the group's own)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if present)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"], help="model dtype")
     p.add_argument("--revision", help="model revision (branch, tag or commit) for hub ids")
@@ -118,6 +130,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         seed=args.seed,
         token_loss=None if args.token_loss == "none" else args.token_loss,
         batch_size=args.batch_size,
+        threads=args.threads,
         device=args.device,
         dtype=args.dtype,
         revision=args.revision,

@@ -456,20 +456,9 @@ def _recorded_run(location: Any, overwrite: bool) -> dict[str, Any]:
 
 
 def _pinned(config: ExtractConfig, recorded: dict[str, Any]) -> ExtractConfig:
-    """``config`` with its batch size and threads settled: as asked, else as the store records
-    (a resume), else the defaults; the process's threads are set here."""
-    stored_batch = recorded.get("batch_size")
-    batch = config.batch_size or stored_batch or DEFAULT_BATCH_SIZE
-    if stored_batch and config.batch_size and config.batch_size != stored_batch:
-        log.warning(
-            "the store was written in batches of %d and this run uses %d: the model's CPU forward may round "
-            "differently in the last bits; leave out --batch-size to resume with the store's own",
-            stored_batch,
-            config.batch_size,
-        )
-    threads = runtime.pinned(config.threads, recorded.get("threads"), runtime.usable_cores())
-    runtime.apply_threads(threads)
-    return replace(config, batch_size=int(batch), threads=threads)
+    """``config`` with its batch size and threads settled (`runtime.pin`; the threads are applied)."""
+    batch, threads = runtime.pin(config.batch_size, config.threads, recorded, DEFAULT_BATCH_SIZE)
+    return replace(config, batch_size=batch, threads=threads)
 
 
 def extract(config: ExtractConfig, *, loaded: LoadedModel | None = None) -> ExtractResult:
