@@ -4,8 +4,8 @@ Under the Triton interpreter the kernels pick a few large blocks (each program i
 milliseconds), so the usual test sizes fit in one block and the code that offsets blocks and
 adds partial results never runs on a CPU. ``blocks="gpu"`` makes `vislens.kernels._triton.block`
 return the sizes a GPU gets (16 rows, 512 columns, ...), so the interpreter runs the GPU's grid.
-Sizes here cross those and the numba kernels' own blocks: rows in fours and tasks of 16 or more
-(mean_cosine), 64 tokens and 256 model dimensions (value_gram).
+Sizes here cross those and the numba kernels' own blocks: rows in fours, tasks of 64 rows and
+lanes of 64 elements (mean_cosine), 16 tokens and 256 model dimensions (value_gram).
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ def blocks(request, monkeypatch, backend):
 
 
 def test_mean_cosine_across_row_and_column_blocks(backend, device, assert_close, blocks):
-    """37 rows (3 GPU blocks of 16; 9 numba blocks of 4 and one row), 600 columns (2 GPU blocks of 512)."""
+    """150 rows (10 GPU blocks of 16; numba: tasks of 64 + 64 + 22 rows, blocks of 4 and single
+    rows), 600 columns (2 GPU blocks of 512; numba: 9 sets of 64 lanes and a tail of 24)."""
     g = torch.Generator().manual_seed(4)
-    a = torch.randn(2, 37, 600, generator=g) * 20
-    b = torch.randn(2, 41, 600, generator=g) + 0.3
-    a_mask = torch.rand(2, 37, generator=g) > 0.2
-    b_mask = torch.rand(2, 41, generator=g) > 0.2
+    a = torch.randn(2, 150, 600, generator=g) * 20
+    b = torch.randn(2, 141, 600, generator=g) + 0.3
+    a_mask = torch.rand(2, 150, generator=g) > 0.2
+    b_mask = torch.rand(2, 141, generator=g) > 0.2
     on = dict(a_mask=a_mask.to(device), b_mask=b_mask.to(device), backend=backend)
     want = cosine_reference.mean_cosine(a, b, a_mask, b_mask)
     assert_close(mean_cosine(a.to(device), b.to(device), **on), want, torch.float32)
@@ -46,7 +47,7 @@ def test_mean_cosine_across_row_and_column_blocks(backend, device, assert_close,
 
 
 def test_value_gram_across_token_and_model_blocks(backend, device, assert_close, blocks):
-    """70 tokens (numba: 64 + 6; GPU: 5 blocks of 16), D = 530 (torch: 512 + 18; numba: 256 + 256 + 18;
+    """70 tokens (numba: 4 blocks of 16 + 6; GPU: 5 blocks of 16), D = 530 (torch: 512 + 18; numba: 256 + 256 + 18;
     GPU: 34 tiles of 16), d = 20 (GPU: 2 tiles)."""
     g = torch.Generator().manual_seed(5)
     values = torch.randn(1, 70, 2 * 20, generator=g) * 3

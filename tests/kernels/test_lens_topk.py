@@ -218,6 +218,7 @@ def test_cpu_auto_path_passed_its_probe():
     _, w = _adversarial()
     prepared = cpu.prepare(w)
     assert prepared.probes[prepared.gemm] == "passed"
+    assert prepared.gemm != "int_mm"  # exact, but a reference loop on some CPUs: only by name
     tried = list(prepared.probes)
     assert tried == list(screen.AUTO_ORDER[: len(tried)]) or tried[-1] == "fp32"
     for name in tried[:-1]:

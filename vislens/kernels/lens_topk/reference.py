@@ -3,8 +3,9 @@
 This module defines the answer every backend is tested against.
 
 Logits. The logit of row i and vocabulary id j is the exact real dot product
-z_ij = sum_t x_it w_jt of the normed fp32 row x_i = norm(hidden_i) (`apply_norm`, fp32 torch
-arithmetic) and the unembedding row w_j widened exactly to fp32, rounded once to the nearest fp32
+z_ij = sum_t x_it w_jt of the normed fp32 row x_i = norm(hidden_i) (`apply_norm`: on the CPU in
+float64, in numpy's fixed summation order, rounded once to fp32, so the same bits on every CPU;
+on a GPU in fp32 torch arithmetic) and the unembedding row w_j widened exactly to fp32, rounded once to the nearest fp32
 (ties to even): v_ij = RN32(z_ij). An fp32 GEMM rounds after every addition, in an order that
 depends on its blocking, so two GEMMs (or a GEMM and a re-scoring of a few candidates) can
 disagree in the last bit; the correctly rounded value is the one fp32 answer that any
@@ -41,14 +42,38 @@ def apply_norm(x: torch.Tensor, norm: Any | None) -> torch.Tensor:
     norm: None (rows used as they are) or an object with kind ("rms": x / rms(x) * w;
     "rms_offset": x / rms(x) * (1 + w), Gemma; "layer": LayerNorm with optional bias), eps,
     weight (hidden,) and bias (hidden,) or None, as float32 tensors on x's device.
+
+    On the CPU the norm is computed in float64 (numpy: its sums run in one fixed order on every
+    CPU, where torch's vectorised reductions follow the CPU's vector width) and rounded once to
+    float32: the lens's answer does not depend on the CPU. On a GPU, in fp32 torch arithmetic.
     """
     if norm is None:
         return x
+    if x.device.type == "cpu":
+        return _apply_norm_float64(x, norm)
     if norm.kind in ("rms", "rms_offset"):
         scale = norm.weight + 1.0 if norm.kind == "rms_offset" else norm.weight
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * scale
     if norm.kind == "layer":
         return torch.nn.functional.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps)
+    raise DataError(f"unknown norm kind {norm.kind!r}; expected 'rms', 'rms_offset' or 'layer'")
+
+
+def _apply_norm_float64(x: torch.Tensor, norm: Any) -> torch.Tensor:
+    """`apply_norm` on the CPU: float64 throughout, one rounding to float32 at the end."""
+    rows = x.detach().numpy().astype(np.float64)
+    weight = norm.weight.detach().cpu().numpy().astype(np.float64)
+    if norm.kind in ("rms", "rms_offset"):
+        scale = weight + 1.0 if norm.kind == "rms_offset" else weight
+        inverse = 1.0 / np.sqrt(np.mean(rows * rows, axis=-1, keepdims=True) + norm.eps)
+        return torch.from_numpy((rows * inverse * scale).astype(np.float32))
+    if norm.kind == "layer":
+        centred = rows - np.mean(rows, axis=-1, keepdims=True)
+        inverse = 1.0 / np.sqrt(np.mean(centred * centred, axis=-1, keepdims=True) + norm.eps)
+        out = centred * inverse * weight
+        if norm.bias is not None:
+            out = out + norm.bias.detach().cpu().numpy().astype(np.float64)
+        return torch.from_numpy(out.astype(np.float32))
     raise DataError(f"unknown norm kind {norm.kind!r}; expected 'rms', 'rms_offset' or 'layer'")
 
 
