@@ -115,9 +115,17 @@ MUTATIONS: list[Mutation] = [
     M(
         "I7",
         "vislens/extract/prompts.py",
-        "pool = np.flatnonzero(~special)",
-        "pool = np.arange(len(special))",
+        "return texts & ~np.asarray(special, dtype=bool)",
+        "return texts",
         "noisy prompts draw special tokens",
+        ("tests/extract/test_prompts.py",),
+    ),
+    M(
+        "I7b",
+        "vislens/extract/prompts.py",
+        "texts = np.array([bool(t) and REPLACEMENT_CHARACTER not in t for t in vocabulary], dtype=bool)",
+        "texts = np.ones(len(vocabulary), dtype=bool)",
+        "noisy prompts draw byte pieces that decode to U+FFFD (byte-level vocabularies)",
         ("tests/extract/test_prompts.py",),
     ),
     M(
