@@ -447,6 +447,14 @@ MUTATIONS: list[Mutation] = [
         "precision over image tokens, not over distinct decoded words",
         ("tests/analyze/test_words.py",),
     ),
+    M(
+        "F6",
+        "vislens/analyze/words.py",
+        '_WORD = re.compile(r"[^\\W_]+")',
+        '_WORD = re.compile(r"[^\\W\\d_]+")',
+        "words are runs of letters only: digits dropped from captions and decoded tokens ('2 dogs' loses '2')",
+        ("tests/analyze/test_words.py",),
+    ),
 ]
 
 
