@@ -94,7 +94,7 @@ MUTATIONS: list[Mutation] = [
         "layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps)",
         "layer_norm(x, (x.shape[-1],), norm.weight, None, norm.eps)",
         "lens LayerNorm without its bias",
-        ("tests/extract/test_layernorm_decoder.py",),
+        ("tests/extract/test_layernorm_decoder.py", "tests/analyze/test_logit_lens.py"),
     ),
     M(
         "I5",
@@ -454,6 +454,22 @@ MUTATIONS: list[Mutation] = [
         '_WORD = re.compile(r"[^\\W\\d_]+")',
         "words are runs of letters only: digits dropped from captions and decoded tokens ('2 dogs' loses '2')",
         ("tests/analyze/test_words.py",),
+    ),
+    M(
+        "F7",
+        "vislens/analyze/logit_lens.py",
+        'None if lens["norm_bias"] is None else torch.from_numpy(lens["norm_bias"]),',
+        "None,",
+        "logit lens: the final LayerNorm's bias dropped (tests/analyze, not only the extraction's test)",
+        ("tests/analyze/test_logit_lens.py",),
+    ),
+    M(
+        "F8",
+        "vislens/kernels/lens_topk/reference.py",
+        'scale = norm.weight + 1.0 if norm.kind == "rms_offset" else norm.weight',
+        "scale = norm.weight",
+        "logit lens: Gemma's (1 + w) final norm taken as RMSNorm's w",
+        ("tests/analyze/test_logit_lens.py",),
     ),
 ]
 
