@@ -110,4 +110,5 @@ def test_a_claim_that_cannot_fail_is_listed_apart():
     page = render({"llava": (trained, twin)}, {"llava": record}, meta)
     table, apart = page.split("Claims that cannot fail on this toy")
     assert "the prompt kind barely matters" not in table and "the prompt kind barely matters" in apart
+    assert "Holds by construction here (LLaVA's image tokens precede the prompt" in apart
     assert f"{BOOTSTRAP} resamples" in table and "| measured [95% interval] |" in table

@@ -144,6 +144,11 @@ def measure(name: str, model: Path, data: Path, work: Path, *, n_caption: int) -
     )
 
 
+def _sentence(text: str) -> str:
+    """``text`` with its first letter upper-case (the rest kept: ``LLaVA``)."""
+    return text[:1].upper() + text[1:]
+
+
 def _f(v: float, digits: int = 3) -> str:
     return "nan" if v is None or not np.isfinite(v) else f"{v:.{digits}f}"
 
@@ -459,7 +464,7 @@ def render(results: dict[str, tuple[Measured, Measured]], records: dict[str, dic
         fixed = [f for f in found if not f.can_fail]
         if fixed:
             parts += ["\nClaims that cannot fail on this toy (not counted as reproduced):\n"]
-            parts += [f"- {f.claim}: {f.measured}. {f.criterion[len('none: ') :].capitalize()}." for f in fixed]
+            parts += [f"- {f.claim}: {f.measured}. {_sentence(f.criterion.removeprefix('none: '))}." for f in fixed]
     parts.append(END)
     return "\n".join(parts)
 
