@@ -22,8 +22,8 @@ The rules, exactly (so that results are reproducible):
 
    - ``precision`` = |D & R| / |D| (0 when D is empty): per distinct word;
    - ``token_precision`` = image tokens with a word in R among their top-k words / image tokens
-     with at least one word (0 when none): per hidden state, the study's "a visual hidden state
-     is decoded correctly if its decoded word matches the ground-truth caption";
+     with at least one word (0 when none): per hidden state, the reading of the study's "a visual
+     hidden state decoded correctly if its decoded word matches the ground-truth caption";
    - ``recall`` = |D & R| / |R|.
 """
 
