@@ -309,6 +309,22 @@ MUTATIONS: list[Mutation] = [
         ("tests/extract/test_families.py::test_hidden_states_and_image_positions_equal_the_models_own",),
     ),
     M(
+        "E6",
+        "vislens/extract/adapters/base.py",
+        "for marker in {placeholder, GENERIC_PLACEHOLDER}",
+        "for marker in {placeholder}",
+        "fully formatted prompts split on the family's own placeholder only: the study's prompts 5-9 crash",
+        ("tests/extract/test_study_prompts.py",),
+    ),
+    M(
+        "E7",
+        "vislens/extract/adapters/base.py",
+        "        if all(starts) or not any(starts):\n            return texts",
+        "        if True:\n            return texts",
+        "a batch mixing templated and chat-templated prompts: the chat-templated ones get a second BOS",
+        ("tests/extract/test_study_prompts.py",),
+    ),
+    M(
         "E4",
         "vislens/extract/adapters/base.py",
         "special_ids = set(tok.all_special_ids)",
