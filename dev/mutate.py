@@ -94,7 +94,7 @@ MUTATIONS: list[Mutation] = [
         "layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps)",
         "layer_norm(x, (x.shape[-1],), norm.weight, None, norm.eps)",
         "lens LayerNorm without its bias",
-        ("tests/extract/test_layernorm_decoder.py",),
+        ("tests/extract/test_layernorm_decoder.py", "tests/analyze/test_logit_lens.py"),
     ),
     M(
         "I5",
@@ -115,9 +115,17 @@ MUTATIONS: list[Mutation] = [
     M(
         "I7",
         "vislens/extract/prompts.py",
-        "pool = np.flatnonzero(~special)",
-        "pool = np.arange(len(special))",
+        "return texts & ~np.asarray(special, dtype=bool)",
+        "return texts",
         "noisy prompts draw special tokens",
+        ("tests/extract/test_prompts.py",),
+    ),
+    M(
+        "I7b",
+        "vislens/extract/prompts.py",
+        "texts = np.array([bool(t) and REPLACEMENT_CHARACTER not in t for t in vocabulary], dtype=bool)",
+        "texts = np.ones(len(vocabulary), dtype=bool)",
+        "noisy prompts draw byte pieces that decode to U+FFFD (byte-level vocabularies)",
         ("tests/extract/test_prompts.py",),
     ),
     M(
@@ -376,6 +384,22 @@ MUTATIONS: list[Mutation] = [
         ("tests/extract/test_families.py::test_hidden_states_and_image_positions_equal_the_models_own",),
     ),
     M(
+        "E6",
+        "vislens/extract/adapters/base.py",
+        "for marker in {placeholder, GENERIC_PLACEHOLDER}",
+        "for marker in {placeholder}",
+        "fully formatted prompts split on the family's own placeholder only: the study's prompts 5-9 crash",
+        ("tests/extract/test_study_prompts.py",),
+    ),
+    M(
+        "E7",
+        "vislens/extract/adapters/base.py",
+        "        if all(starts) or not any(starts):\n            return texts",
+        "        if True:\n            return texts",
+        "a batch mixing templated and chat-templated prompts: the chat-templated ones get a second BOS",
+        ("tests/extract/test_study_prompts.py",),
+    ),
+    M(
         "E4",
         "vislens/extract/adapters/base.py",
         "special_ids = set(tok.all_special_ids)",
@@ -513,6 +537,30 @@ MUTATIONS: list[Mutation] = [
         "        out[layer, 0] = hits / max(1, has_word[layer].any(-1).sum())",
         "precision over image tokens, not over distinct decoded words",
         ("tests/analyze/test_words.py",),
+    ),
+    M(
+        "F6",
+        "vislens/analyze/words.py",
+        '_WORD = re.compile(r"[^\\W_]+")',
+        '_WORD = re.compile(r"[^\\W\\d_]+")',
+        "words are runs of letters only: digits dropped from captions and decoded tokens ('2 dogs' loses '2')",
+        ("tests/analyze/test_words.py",),
+    ),
+    M(
+        "F7",
+        "vislens/analyze/logit_lens.py",
+        'None if lens["norm_bias"] is None else torch.from_numpy(lens["norm_bias"]),',
+        "None,",
+        "logit lens: the final LayerNorm's bias dropped (tests/analyze, not only the extraction's test)",
+        ("tests/analyze/test_logit_lens.py",),
+    ),
+    M(
+        "F8",
+        "vislens/kernels/lens_topk/reference.py",
+        'scale = norm.weight + 1.0 if norm.kind == "rms_offset" else norm.weight',
+        "scale = norm.weight",
+        "logit lens: Gemma's (1 + w) final norm taken as RMSNorm's w",
+        ("tests/analyze/test_logit_lens.py",),
     ),
 ]
 

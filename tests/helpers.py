@@ -39,7 +39,7 @@ def instruction_positions(processor, prompt: str, input_ids, image_token_id: int
 
     By counting: the chat text is cut just before and just after the instruction, both prefixes
     are tokenized, and the instruction is the tokens from the first one they disagree on (a token
-    that straddles the boundary, such as ``\nBriefly``, overlaps the instruction and counts) to
+    that straddles the boundary, such as InstructBLIP's lone ``▁`` after BOS, overlaps the instruction and counts) to
     the end of the second, shifted by the image placeholder's expansion. A fully formatted LLaVA prompt (``USER: <image>\\n... ASSISTANT:``)
     has the words between the placeholder and ``ASSISTANT:`` as its instruction. Empty for the
     empty prompt.

@@ -45,3 +45,28 @@ def dask_cluster():
     yield client
     client.close()
     cluster.close()
+
+
+@pytest.fixture(scope="session")
+def norm_kind_cases(toy_models, manifest, analysis_stores, tmp_path_factory) -> dict[str, tuple[str, str]]:
+    """Per final-norm kind, (store, checkpoint): ``rms`` (the grouped-query toy LLaVA, random non-unit
+    weights), ``rms_offset`` (a Gemma-3 toy: ``x / rms(x) * (1 + w)``), ``layer`` (a LLaVA whose
+    decoder is StableLM: LayerNorm with random weight and a non-zero random bias). Three images,
+    normal prompts, no attention."""
+    from tests.extract.test_layernorm_decoder import build_layernorm_llava
+    from vislens.toys.families import build_toy_family
+
+    root = tmp_path_factory.mktemp("norm-kinds")
+    models = {
+        "rms_offset": build_toy_family("gemma3", root / "gemma3", layers=2, seed=5),
+        "layer": build_layernorm_llava(root / "llava-stablelm"),
+    }
+    out = {"rms": (analysis_stores["gqa"], str(toy_models["gqa"]))}
+    for kind, model in models.items():
+        path = str(root / f"{kind}.zarr")
+        config = ExtractConfig(
+            model=str(model), data=str(manifest), out=path, limit=3, attention="none", progress=False
+        )
+        assert extract(config).written == 3
+        out[kind] = (path, str(model))
+    return out

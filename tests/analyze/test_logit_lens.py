@@ -89,20 +89,22 @@ def test_means_per_prompt_kind(analysis_stores):
         assert int(means.sel(prompt_kind=kind)["n_samples"]) == 6
 
 
-@pytest.mark.parametrize("arch", ["mha", "gqa"])
-def test_scores_equal_an_independent_recount(analysis_stores, toy_models, arch):
+@pytest.mark.parametrize("arch", ["mha", "gqa", "rms_offset", "layer"])
+def test_scores_equal_an_independent_recount(analysis_stores, toy_models, norm_kind_cases, arch):
     """precision, token_precision and recall recomputed from scratch: the model's own final norm and
     lm_head on the stored states (the last layer as is), each image token's top-1 id decoded alone
-    with the model's tokenizer, against the captions' words (docs/methods.md, analysis 1)."""
+    with the model's tokenizer, against the captions' words (docs/methods.md, analysis 1). Both toy
+    LLaVAs (RMSNorm), and a Gemma-3 (``rms_offset``) and a LayerNorm-with-bias decoder."""
     import re
 
     from vislens.analyze.words import stop_words
 
-    tree = open_store(analysis_stores[arch])
+    store, checkpoint = norm_kind_cases[arch] if arch in norm_kind_cases else (analysis_stores[arch], toy_models[arch])
+    tree = open_store(store)
     ours = logit_lens_per_sample(tree, cache=False)
     acts = tree["activations"].to_dataset()
     caps = tree["captions"].to_dataset()
-    model, processor = load_reference(toy_models[arch])
+    model, processor = load_reference(checkpoint)
     tok = processor.tokenizer
     norm, head = decoder_of(model).norm, model.get_output_embeddings()
     stop, special = stop_words(), set(tok.all_special_ids)
@@ -131,6 +133,50 @@ def test_scores_equal_an_independent_recount(analysis_stores, toy_models, arch):
                 ]
                 got = [float(ours[name][s, layer]) for name in ("precision", "token_precision", "recall")]
                 np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=f"sample {s} layer {layer}")
+
+
+NORM_KINDS = ("rms", "rms_offset", "layer")
+
+
+@pytest.mark.parametrize("kind", NORM_KINDS)
+def test_every_norm_kind_gives_the_models_own_top_k(norm_kind_cases, kind):
+    """For each final-norm kind (RMSNorm, Gemma's RMSNorm with (1 + w), LayerNorm with a non-zero
+    bias), the lens's top-3 ids at every image token and layer are those of the model's own
+    ``lm_head(norm(h))`` on the stored states (the last layer, already final-normed, as is), the
+    norm being the model's own module, loaded directly with transformers. Wherever the model's
+    top-4 logits are separated by more than 1e-4 the ids must agree, and such positions must be
+    most of them; dropping the bias, the offset or the norm's weight changes most ids."""
+    from transformers import AutoModelForImageTextToText
+
+    store, checkpoint = norm_kind_cases[kind]
+    tree = open_store(store)
+    lens = tree["lens"].to_dataset()
+    assert str(lens.attrs["norm_kind"]) == kind
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+    norm, head = decoder_of(model).norm, model.get_output_embeddings()
+    if kind == "layer":
+        assert isinstance(norm, torch.nn.LayerNorm) and norm.bias.abs().mean() > 0.5
+        np.testing.assert_array_equal(lens["norm_bias"].values, norm.bias.detach().numpy())
+    else:
+        assert "norm_bias" not in lens and (norm.weight - (0 if kind == "rms_offset" else 1)).abs().min() > 0
+    acts = tree["activations"].to_dataset()
+    assert int(acts["layer"].attrs["final_norm_applied_to_last"]) == 1
+    top = logit_lens_topk(tree, k=3).compute()
+    last = acts.sizes["layer"] - 1
+    compared = total = 0
+    with torch.no_grad():
+        for s in range(acts.sizes["sample"]):
+            image = acts.modality[s].values == 1
+            assert image.any() and (top[s].values[:, ~image] == -1).all()
+            stored = torch.from_numpy(acts.hidden[s].values[:, image].astype(np.float32))
+            for layer in range(last + 1):
+                logits = head(stored[layer] if layer == last else norm(stored[layer]))
+                best = logits.topk(4, dim=-1)
+                clear = (best.values[:, :3] - best.values[:, 1:]).min(-1).values > 1e-4
+                ours = torch.from_numpy(top[s].values[layer][image].astype(np.int64))
+                assert torch.equal(ours[clear], best.indices[clear, :3]), (kind, s, layer)
+                compared, total = compared + int(clear.sum()), total + int(clear.numel())
+    assert compared / total > 0.9, (compared, total)
 
 
 @pytest.mark.parametrize("backend", ["numba", "torch"])

@@ -80,3 +80,42 @@ def test_block_scores_use_image_tokens_only_and_union_over_ranks():
     np.testing.assert_allclose(got[0, 1], [1 / 3, 1 / 3, 1 / 3])
     top1 = _block_scores(top[..., :1], modality, np.array([0]), vocabulary=V, references=refs)
     np.testing.assert_allclose(top1[0, 1], [0.0, 0.0, 0.0])  # D = {cat}
+
+
+# digits, capitals, punctuation and multi-piece words, on both sides (docs/methods.md, analysis 1)
+DIGITS = [" 2", "2", "▁1", "0", " Dogs", "DOG", " dogs,", "nd", " t-shirt", "'s", "½"]
+DV = Vocabulary.build(DIGITS, np.zeros(len(DIGITS), dtype=bool))
+
+
+def test_digits_are_words_in_captions_and_in_decoded_tokens():
+    assert words("2 dogs and 10 cats on 1 mat, 3.5 km") == ["2", "dogs", "10", "cats", "1", "mat", "3", "5", "km"]
+    assert words("The 2nd dog") == ["2nd", "dog"]  # a run of letters and digits is one word
+    assert token_word(" 2") == token_word("2") == token_word("▁2") == "2"  # space and the ▁ marker dropped
+    assert token_word("0") == "0"  # a digit is never a stop word
+    # "2 dogs": the image tokens decode " 2" and " dogs,"; both words are in R
+    top = np.array([[[0], [6]]])
+    np.testing.assert_allclose(scores(top, DV, reference_words(["2 dogs"])), [[1.0, 1.0, 1.0]])
+    np.testing.assert_allclose(scores(np.array([[[1]]]), DV, reference_words(["2 dogs"])), [[1.0, 1.0, 0.5]])
+
+
+def test_numbers_are_not_normalised_and_digit_pieces_are_never_joined():
+    assert reference_words(["two dogs"]) == {"two", "dogs"} and "2" not in reference_words(["two dogs"])
+    # a tokenizer that splits numbers into digits ("▁1" "0") never decodes the word "10"
+    assert DV.decoded_words([2, 3]) == {"1", "0"}
+    np.testing.assert_allclose(scores(np.array([[[2], [3]]]), DV, reference_words(["10 cats"])), [[0.0, 0.0, 0.0]])
+    # nor "2nd" from "2" and "nd"
+    assert DV.decoded_words([1, 7]) == {"2", "nd"}
+
+
+def test_capitals_and_punctuation_fold_on_both_sides():
+    assert words("A RED Cat, on the Mat!") == ["red", "cat", "mat"]
+    assert reference_words(["Dogs."]) == {"dogs"}
+    assert token_word(" Dogs") == token_word(" dogs,") == "dogs" and token_word("DOG") == "dog"
+    assert token_word("'s") is None  # "s" is a stop word
+    assert token_word(" t-shirt") == "tshirt"  # one token, one word: its letters and digits, joined
+    assert words("a t-shirt") == ["shirt"]  # "t" is a stop word
+    assert token_word("½") == "½"  # letters and digits as Unicode defines them
+    top = np.array([[[4], [5], [6], [8]]])  # Dogs, DOG, dogs, -> dogs, dog, dogs ; t-shirt -> tshirt
+    precision, token_precision, recall = scores(top, DV, reference_words(["Two DOGS", "A dog."]))[0]
+    # D = {dogs, dog, tshirt}, R = {two, dogs, dog}; three of the four tokens are right
+    assert (precision, token_precision, recall) == (2 / 3, 3 / 4, 2 / 3)

@@ -1,11 +1,11 @@
-"""Noisy prompts: random strings of the model's own tokens, never its special tokens."""
+"""Noisy prompts: random strings of the model's own tokens, never its special tokens, never pieces that do not decode to themselves."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from vislens.extract.adapters import load_adapter
-from vislens.extract.prompts import NOISY_LENGTH, noisy_prompt
+from vislens.extract.prompts import NOISY_LENGTH, drawable, noisy_prompt
 
 
 def test_noisy_prompts_never_draw_special_tokens():
@@ -55,3 +55,34 @@ def test_noisy_prompts_of_a_real_tokenizer_hold_only_the_templates_special_token
         assert not special_ids & set(noise), (prompt.text, sorted(special_ids & set(noise)))
         ids = tok(adapter.format_prompt(prompt.text), add_special_tokens=True)["input_ids"]
         assert sorted(i for i in ids if i in special_ids) == template
+
+
+def test_noisy_prompts_draw_only_tokens_that_decode_to_themselves():
+    """Tokens whose text is U+FFFD (a partial UTF-8 piece decoded alone) or empty are never drawn."""
+    size = 60
+    vocabulary = [f" w{i}" if i % 3 == 0 else "\ufffd" if i % 3 == 1 else "" for i in range(size)]
+    special = np.zeros(size, dtype=bool)
+    np.testing.assert_array_equal(drawable(vocabulary, special), np.arange(size) % 3 == 0)
+    for index in range(100):
+        text = noisy_prompt(vocabulary, special, seed=1, index=index).text
+        assert "\ufffd" not in text and NOISY_LENGTH[0] <= len(text.split()) <= NOISY_LENGTH[1], text
+
+
+def test_noisy_prompts_of_a_byte_level_tokenizer_are_the_tokens_drawn(tmp_path):
+    """Qwen2-VL's toy tokenizer is a GPT-2-style byte-level BPE: 128 of its pieces are single bytes
+    of multi-byte UTF-8 characters, each decoding alone to U+FFFD. The noisy prompts hold none of
+    them: their text re-tokenises and decodes back to itself, with no replacement character."""
+    from vislens.toys.families import build_toy_family
+
+    adapter = load_adapter(str(build_toy_family("qwen2_vl", tmp_path / "qwen", layers=1))).adapter
+    tok = adapter.tokenizer
+    texts, special = adapter.vocabulary()
+    partial = [i for i, t in enumerate(texts) if "\ufffd" in t and not special[i]]
+    assert len(partial) >= 100  # the old rule (any non-special token) drew one in almost every prompt
+    assert not drawable(texts, special)[partial].any()
+    for index in range(100):
+        text = noisy_prompt(texts, special, seed=0, index=index).text
+        assert "\ufffd" not in text, text
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+        assert all("\ufffd" not in tok.decode([i]) for i in ids), text

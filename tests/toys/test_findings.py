@@ -20,7 +20,9 @@ from vislens.toys.trained import TRAINED_FAMILIES, load_trained_toy, trained_toy
 F1_MIN = 0.8
 RECALL_MIN = 0.2
 RISE = {"llava": 2.0, "instructblip": 1.3}
-"""Lens recall at the best layer over layer 0's, at least (measured: 4.2 and 1.5)."""
+"""Lens recall at the best layer over layer 0's, at least. The card (docs/toy-model.md, 48 scenes)
+measures 4.6x [3.6x, 6.3x] and 1.6x [1.3x, 2.0x]: InstructBLIP's rise is real but smaller than
+the 2x the card asks of the study's finding, so it counts there as not reproduced."""
 
 
 @pytest.fixture(scope="module", params=TRAINED_FAMILIES)

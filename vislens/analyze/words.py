@@ -10,6 +10,11 @@ The rules, exactly (so that results are reproducible):
    ``phant`` at the next are the words "ele" and "phant", not "elephant".
 2. **Reference words** of an image: the words of all its reference captions, each caption
    lowercased and split into maximal runs of letters and digits, stop words dropped.
+
+   Letters and digits are Unicode's (``\\w`` without ``_``), on both sides: ``"2 dogs"`` gives
+   the words "2" and "dogs", and a token decoding to ``" 2"`` is the word "2". Numbers are not
+   normalised ("2" is not "two"), and, as with any word, the pieces of a number are never joined:
+   a tokenizer that splits numbers into digits (Llama's, Qwen2's) never decodes "10" or "2nd".
 3. **Stop words**: NLTK's English list (179 words), shipped in
    ``vislens/data/stopwords_nltk_english.txt``.
 4. For one sample and layer, with top-k ids per image token, D the set of distinct words of all
@@ -17,8 +22,8 @@ The rules, exactly (so that results are reproducible):
 
    - ``precision`` = |D & R| / |D| (0 when D is empty): per distinct word;
    - ``token_precision`` = image tokens with a word in R among their top-k words / image tokens
-     with at least one word (0 when none): per hidden state, the study's "a visual hidden state
-     is decoded correctly if its decoded word matches the ground-truth caption";
+     with at least one word (0 when none): per hidden state, the reading of the study's "a visual
+     hidden state decoded correctly if its decoded word matches the ground-truth caption";
    - ``recall`` = |D & R| / |R|.
 """
 

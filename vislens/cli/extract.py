@@ -122,7 +122,7 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
         metavar="K",
         help="compute the logit lens's top-K ids and logits during extraction, on the model's device (implies "
         "--compute lens; default K with --compute lens: 5, enough to re-score up to top-5 at ~0.6 MB per 7B sample; "
-        "the study uses top-1)",
+        "the analyses score top-1 by default: vislens's choice, docs/methods.md)",
     )
     p.add_argument(
         "--lens-all-tokens", action="store_true", help="--compute lens decodes every token, not only the image tokens"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vislens.errors import DataError
-from vislens.extract.adapters.base import Adapter
+from vislens.extract.adapters.base import GENERIC_PLACEHOLDER, Adapter
 from vislens.extract.config import ExtractConfig
 from vislens.extract.datasets import DataSet, ImageRecord
 from vislens.extract.images import image_size
@@ -76,8 +76,9 @@ def make_plan(
         size = None if adapter.fixed_image_tokens else image_size(record.image)
         for kind in kinds:
             for prompt in _prompts_for(i, kind, config, normal, noisy, vocab):
-                if kind == "noisy":
-                    prompt = Prompt(prompt.kind, prompt.id, prompt.text.replace(placeholder, " "))
+                if kind == "noisy":  # never an image placeholder (it would be read as a formatted prompt)
+                    text = prompt.text.replace(placeholder, " ").replace(GENERIC_PLACEHOLDER, " ")
+                    prompt = Prompt(prompt.kind, prompt.id, text)
                 text = adapter.format_prompt(prompt.text)
                 n, n_image = adapter.count_tokens(text, size or (336, 336))
                 samples.append(Sample(len(samples), i, record, prompt, text, n, n_image))

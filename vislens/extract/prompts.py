@@ -56,16 +56,36 @@ def prompts_from_file(path: str | Path | None, kind: str) -> list[Prompt]:
     return [Prompt(kind, str(k), v) for k, v in items.items()]
 
 
+REPLACEMENT_CHARACTER = "\ufffd"
+"""What a token that is a partial UTF-8 sequence (a byte piece of a byte-level BPE, a byte-fallback
+token) decodes to on its own."""
+
+
+def drawable(vocabulary: list[str], special: np.ndarray) -> np.ndarray:
+    """Boolean over the vocabulary: tokens a noisy prompt may draw.
+
+    Not special, and decoding to itself: a non-empty text without U+FFFD. A byte-level vocabulary
+    holds many pieces that are parts of a multi-byte UTF-8 character (Qwen's and Gemma's ``\\xe2``,
+    ...); decoded alone each is U+FFFD, so the text drawn would not be the tokens drawn: the model
+    would read the tokens of U+FFFD instead. (A token that spells U+FFFD itself is left out too.)
+    """
+    texts = np.array([bool(t) and REPLACEMENT_CHARACTER not in t for t in vocabulary], dtype=bool)
+    return texts & ~np.asarray(special, dtype=bool)
+
+
 def noisy_prompt(vocabulary: list[str], special: np.ndarray, seed: int, index: int) -> Prompt:
     """A string of 10-15 tokens drawn from the model's vocabulary, reproducible by (seed, index).
 
     ``vocabulary`` holds each token's text as it appears after other text (leading space kept);
-    ``special`` marks special tokens, which are never drawn. Where neighbouring pieces happen to
-    spell a special token's text (``<`` ``s`` ``>`` is ``<s>``, which a tokenizer reads as BOS),
-    that text is replaced by a space.
+    ``special`` marks special tokens. Only `drawable` tokens are drawn (uniformly, with
+    replacement): never a special token, never one that does not decode to itself. Where
+    neighbouring pieces happen to spell a special token's text (``<`` ``s`` ``>`` is ``<s>``,
+    which a tokenizer reads as BOS), that text is replaced by a space.
     """
     rng = np.random.default_rng([seed, index])
-    pool = np.flatnonzero(~special)
+    pool = np.flatnonzero(drawable(vocabulary, special))
+    if pool.size == 0:
+        raise DataError("the vocabulary has no token that decodes to itself and is not special: no noisy prompt")
     length = int(rng.integers(NOISY_LENGTH[0], NOISY_LENGTH[1] + 1))
     ids = rng.choice(pool, size=length, replace=True)
     text = "".join(vocabulary[i] for i in ids)

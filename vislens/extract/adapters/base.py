@@ -46,18 +46,35 @@ class NormSpec:
 ROLE_MARKER = re.compile(r"\s*\b[A-Z][A-Za-z]*:\s*$")
 """A trailing chat role marker of a fully formatted prompt, such as ``ASSISTANT:``."""
 
+GENERIC_PLACEHOLDER = "<image>"
+"""The image placeholder of the study's fully formatted prompts (LLaVA's), which every family accepts."""
+
+
+def _first_placeholder(text: str, placeholder: str) -> tuple[int, int]:
+    """Characters [start, end) of the first image placeholder in ``text``: the family's own or the generic
+    ``<image>`` (whichever comes first; the longer one where both start at the same character); (-1, -1) if none."""
+    found = [
+        (text.find(marker), -len(marker)) for marker in {placeholder, GENERIC_PLACEHOLDER} if marker and marker in text
+    ]
+    if not found:
+        return -1, -1
+    start, negative_length = min(found)
+    return start, start - negative_length
+
 
 def instruction_core(instruction: str, placeholder: str) -> str:
     """The instruction proper of a prompt as given.
 
-    A plain instruction is itself (stripped). A fully formatted prompt holding the image
-    placeholder (the study's ``"USER: <image>\\nWhat is ...? ASSISTANT:"``) is the text after the
-    placeholder without a trailing role marker (an upper-case word and a colon): the words
-    before the placeholder and the marker are the template's.
+    A plain instruction is itself (stripped). A fully formatted prompt holding an image
+    placeholder (the family's own, or the generic ``<image>`` of the study's
+    ``"USER: <image>\\nWhat is ...? ASSISTANT:"``, which every family's `Adapter.format_prompt`
+    accepts) is the text after the placeholder without a trailing role marker (an upper-case
+    word and a colon): the words before the placeholder and the marker are the template's.
     """
     instruction = instruction.strip()
-    if placeholder and placeholder in instruction:
-        instruction = instruction.split(placeholder, 1)[1].strip()
+    start, end = _first_placeholder(instruction, placeholder)
+    if start >= 0:
+        instruction = instruction[end:].strip()
         instruction = ROLE_MARKER.sub("", instruction).strip()
     return instruction
 
@@ -65,12 +82,13 @@ def instruction_core(instruction: str, placeholder: str) -> str:
 def _instruction_span(text: str, instruction: str, placeholder: str) -> tuple[int, int]:
     """Characters [start, end) of the instruction (`instruction_core`) inside the formatted prompt.
 
-    The first occurrence after the image placeholder (anywhere, if none after); (-1, -1) when empty.
+    The first occurrence after the first image placeholder (the family's own or the generic
+    ``<image>``; anywhere, if none is found after it); (-1, -1) when empty.
     """
     core = instruction_core(instruction, placeholder)
     if not core:
         return -1, -1
-    after = text.find(placeholder) + len(placeholder) if placeholder and placeholder in text else 0
+    after = max(_first_placeholder(text, placeholder)[1], 0)
     start = text.find(core, after)
     if start < 0:
         start = text.find(core)
@@ -237,8 +255,28 @@ class Adapter:
             return {"add_special_tokens": False}
         return {}
 
+    def _one_bos_each(self, texts: list[str]) -> list[str]:
+        """``texts`` such that each is encoded as it would be alone, in one batch call.
+
+        A batch may mix texts that start with BOS (a chat template wrote it) and texts that do not
+        (the study's fully formatted ``"USER: <image>..."`` prompts). Encoded alone, the first get no
+        BOS from the tokenizer and the second get the tokenizer's own; one batch call takes one
+        ``add_special_tokens``. Where the tokenizer adds BOS itself, the second are given the BOS
+        token's text, so that every text of the batch starts with it and none gets a second one.
+        """
+        bos = getattr(self.tokenizer, "bos_token", None)
+        starts = [bool(bos) and text.startswith(bos) for text in texts]
+        if all(starts) or not any(starts):
+            return texts
+        ids = self.tokenizer("a")["input_ids"]
+        if not ids or ids[0] != self.tokenizer.bos_token_id:
+            return texts
+        return [text if start else bos + text for text, start in zip(texts, starts, strict=True)]
+
     def encode(self, images: list[Image.Image], texts: list[str]) -> dict[str, torch.Tensor]:
-        """Processor outputs for a batch, right-padded (padding never shifts positions)."""
+        """Processor outputs for a batch, right-padded (padding never shifts positions); each text is
+        encoded as it would be alone (one BOS, `_one_bos_each`)."""
+        texts = self._one_bos_each(list(texts))
         batch = [[image] for image in images] if self.nested_images else images
         return dict(
             self.processor(
